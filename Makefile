@@ -1,0 +1,44 @@
+# ckpt2hf: `make convert` and `make test` are all a fresh machine needs.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+EXAMPLE_ROOT := build/example
+RUN ?=
+OUT ?=
+ARGS ?=
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv convert test lint format clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# make convert RUN=runs/<name> [OUT=dir] [ARGS="--dtype bfloat16 ..."]; without RUN: the built-in example run.
+convert: venv
+ifeq ($(strip $(RUN)),)
+	@run=$$($(PY) -m converter.example $(EXAMPLE_ROOT)) && \
+	$(PY) -m converter convert "$$run" --out "$${OUT:-$$run/export}" --force $(ARGS)
+else
+	$(PY) -m converter convert "$(RUN)" --out "$(if $(OUT),$(OUT),$(RUN)/export)" $(ARGS)
+endif
+
+test: venv lint
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check converter tests
+	$(VENV)/bin/ruff format --check converter tests
+
+format: venv
+	$(VENV)/bin/ruff check --fix converter tests
+	$(VENV)/bin/ruff format converter tests
+
+clean:
+	rm -rf build .pytest_cache

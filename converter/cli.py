@@ -1,0 +1,127 @@
+"""The ``ckpt2hf`` command line: parses arguments, calls one library function, prints the result.
+
+Bad input (a ConvertError) is one line on stderr and exit code 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .errors import ConvertError
+
+log = logging.getLogger("converter")
+
+
+def _base_arg(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=PATH, e.g. language_model=/models/qwen3")
+    return name, Path(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ckpt2hf", description="Turn a Lightning + PEFT training run into a clean Hugging Face export."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    conv = sub.add_parser("convert", help="convert a run (or one checkpoint) into Hugging Face folders")
+    conv.add_argument("run", type=Path, help="run folder (checkpoints/, lora_weights/) or a checkpoint file")
+    conv.add_argument("--out", type=Path, help="export folder (default: RUN/export)")
+    conv.add_argument("--ckpt", type=Path, help="checkpoint to convert (default: last.ckpt, else newest by step)")
+    conv.add_argument("--config", default="panorama_vlm", help="layout config: a name in configs/ or a YAML path")
+    conv.add_argument("--adapter-dir", type=Path, help="PEFT adapter folder (default: RUN/lora_weights)")
+    conv.add_argument("--lora-from", choices=["auto", "checkpoint", "adapter"], default="auto",
+                      help="LoRA tensors to merge; auto requires the checkpoint and adapter folder to agree")
+    conv.add_argument("--base", type=_base_arg, action="append", default=[], metavar="NAME=PATH",
+                      help="folder with config.json (and tokenizer) for a component, e.g. language_model=PATH")
+    conv.add_argument("--dtype", default="auto", help="output dtype: auto (base config's), float32, bfloat16, float16")
+    conv.add_argument("--device", default="auto", help="where to merge: auto (GPU when present), cpu, cuda")
+    conv.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    conv.add_argument("--no-verify", dest="verify", action="store_false", help="skip reloading and logit checks")
+    conv.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    conv.add_argument("--force", action="store_true", help="replace an existing OUT (kept until the new one is done)")
+    for p in (conv,):
+        p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+        p.add_argument("--quiet", action="store_true", help="no progress bars, warnings and errors only")
+        p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    return parser
+
+
+def _setup_logging(quiet: bool, debug: bool) -> None:
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s", stream=sys.stderr)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error() if not debug else hf_logging.set_verbosity_warning()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("huggingface_hub").setLevel(logging.DEBUG if debug else logging.WARNING)
+    if not debug:
+        warnings.filterwarnings("ignore")
+
+
+def _print_plan(summary: dict[str, Any]) -> None:
+    src = summary["source"]["checkpoint"]
+    print(f"checkpoint  {src['path']}  (epoch {src['epoch']}, step {src['global_step']}; {src['chosen_because']})")
+    print(f"adapter     {summary['source']['adapter_folder'] or 'none'}")
+    print(f"out         {summary['out']}")
+    width = max(len(p["component"]) for p in summary["plan"])
+    for p in summary["plan"]:
+        dtypes = ", ".join(f"{d} x{n}" for d, n in p["dtypes"].items())
+        print(f"  {p['component']:<{width}}  {p['out'] + '/':<18} {p['tensors']:>6} tensors  "
+              f"{p['bytes'] / 1e6:>10.2f} MB  {dtypes}")
+
+
+def _print_result(manifest: dict[str, Any]) -> None:
+    print(f"wrote {manifest['out']}")
+    for name, comp in manifest["components"].items():
+        check = (manifest.get("verification") or {}).get(name) or {}
+        figures = []
+        if "max_abs_logit_diff" in check:
+            figures.append(f"max abs logit diff {check['max_abs_logit_diff']:.3g} (tol {check['tolerance']:.3g})")
+        if "exact_tensors" in check:
+            figures.append(f"{check['exact_tensors']} tensors exact")
+        print(f"  {name:<16} {comp['path'] + '/':<18} {comp['tensors']:>6} tensors  {'; '.join(figures)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.quiet, args.debug)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # configs come from local folders or the local cache only
+    try:
+        if args.command == "convert":
+            from .convert import ConvertOptions, convert
+
+            opts = ConvertOptions(
+                run=args.run, out=args.out, ckpt=args.ckpt, config=args.config, adapter_dir=args.adapter_dir,
+                lora_from=args.lora_from, bases=dict(args.base), dtype=args.dtype, device=args.device,
+                verify=args.verify, dry_run=args.dry_run, force=args.force, max_shard_size=args.max_shard_size,
+                progress=not args.quiet and not args.json,
+            )
+            result = convert(opts)
+            if args.json:
+                print(json.dumps(result, indent=2))
+            elif opts.dry_run:
+                _print_plan(result)
+            else:
+                _print_result(result)
+    except ConvertError as exc:
+        if args.debug:
+            raise
+        print(f"ckpt2hf: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("ckpt2hf: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Layout configs: which components a checkpoint holds and how their keys are named (``configs/*.yaml``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import yaml
+
+from .errors import ConvertError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+KINDS = ("hf_causal_lm", "hf_model", "state_dict")
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+    """One part of the model: the keys under ``prefix`` become the folder ``out`` of the export."""
+
+    name: str
+    prefix: str
+    kind: str
+    out: str
+    base: tuple[str, ...] = ()  # hyper_parameters entries that may name the base config's folder or hub id
+
+    @property
+    def is_hf(self) -> bool:
+        return self.kind in ("hf_causal_lm", "hf_model")
+
+
+@dataclasses.dataclass(frozen=True)
+class DropRule:
+    pattern: re.Pattern[str]
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutConfig:
+    """A parsed layout config. ``attribute`` is None when the LightningModule attribute is auto-detected."""
+
+    name: str
+    path: Path
+    components: tuple[Component, ...]
+    wrappers: tuple[str, ...]
+    attribute: str | None
+    drop: tuple[DropRule, ...]
+
+    def component(self, name: str) -> Component:
+        for comp in self.components:
+            if comp.name == name:
+                return comp
+        raise KeyError(name)
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A config given as a path, or as the name of a file in the project's ``configs/`` folder."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    candidate = CONFIG_DIR / f"{name_or_path}.yaml"
+    if candidate.exists():
+        return candidate
+    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConvertError(f"{name_or_path}: no such config; pass a YAML file or one of: {known}")
+
+
+def load_config(name_or_path: str = "panorama_vlm") -> LayoutConfig:
+    """Read and validate a layout config; raise ConvertError naming the file and the field at fault."""
+    path = resolve_config_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConvertError(f"{path}: not valid YAML ({exc}); fix the file") from exc
+
+    def bad(what: str) -> ConvertError:
+        return ConvertError(f"{path}: {what}; see configs/panorama_vlm.yaml for the format")
+
+    components = []
+    for i, item in enumerate(raw.get("components") or []):
+        if not isinstance(item, dict) or not {"name", "prefix", "kind"} <= item.keys():
+            raise bad(f"components[{i}] needs name, prefix and kind")
+        if item["kind"] not in KINDS:
+            raise bad(f"components[{i}].kind is {item['kind']!r}, expected one of {', '.join(KINDS)}")
+        prefix = str(item["prefix"])
+        if prefix and not prefix.endswith("."):
+            raise bad(f"components[{i}].prefix {prefix!r} must end with a dot (anchored on a module boundary)")
+        base = item.get("base") or ()
+        base = (base,) if isinstance(base, str) else tuple(base)
+        components.append(Component(item["name"], prefix, item["kind"], str(item.get("out", item["name"])), base))
+    if not components:
+        raise bad("no components")
+    if len({c.name for c in components}) != len(components):
+        raise bad("component names must be unique")
+
+    drop = []
+    for i, item in enumerate(raw.get("drop") or []):
+        if not isinstance(item, dict) or not {"pattern", "reason"} <= item.keys():
+            raise bad(f"drop[{i}] needs pattern and reason")
+        pattern = item["pattern"]
+        if not pattern.startswith("^"):
+            raise bad(f"drop[{i}].pattern {pattern!r} must be anchored with ^")
+        drop.append(DropRule(re.compile(pattern), str(item["reason"])))
+
+    attribute = raw.get("attribute", "auto")
+    return LayoutConfig(
+        name=path.stem,
+        path=path,
+        components=tuple(components),
+        wrappers=tuple(raw.get("wrappers") or ()),
+        attribute=None if attribute in (None, "auto") else str(attribute),
+        drop=tuple(drop),
+    )

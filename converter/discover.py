@@ -1,0 +1,75 @@
+"""Finding a run's inputs: which checkpoint and which adapter folder a conversion uses."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+from .errors import ConvertError
+from .reader import _torch_load
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInputs:
+    """The files a conversion reads. ``checkpoints`` lists every candidate seen, chosen one included."""
+
+    run: Path
+    checkpoint: Path
+    adapter_root: Path | None
+    checkpoints: tuple[Path, ...]
+    reason: str  # why this checkpoint was chosen
+
+
+def _global_step(path: Path) -> int:
+    """A checkpoint's global_step, read from its metadata (memory-mapped; tensors are not read)."""
+    obj = _torch_load(path)
+    step = obj.get("global_step") if isinstance(obj, dict) else None
+    return int(step) if isinstance(step, int) else -1
+
+
+def find_inputs(run_or_ckpt: Path, ckpt: Path | None = None, adapter_dir: Path | None = None) -> RunInputs:
+    """Choose the checkpoint (``ckpt``, else last.ckpt, else the newest by global_step) and adapter folder.
+
+    ``run_or_ckpt`` is a run folder (``checkpoints/``, ``lora_weights/``) or a checkpoint file itself.
+    """
+    run_or_ckpt = Path(run_or_ckpt)
+    if run_or_ckpt.is_file():
+        run = run_or_ckpt.parent.parent if run_or_ckpt.parent.name == "checkpoints" else run_or_ckpt.parent
+        ckpt = ckpt or run_or_ckpt
+    elif run_or_ckpt.is_dir():
+        run = run_or_ckpt
+    else:
+        raise ConvertError(f"{run_or_ckpt}: no such run folder or checkpoint file")
+
+    ckpt_dir = run / "checkpoints" if (run / "checkpoints").is_dir() else run
+    found = tuple(sorted(p for p in ckpt_dir.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES))
+    found = tuple(p for p in found if not p.name.startswith("adapter_model"))
+    if ckpt is not None:
+        ckpt = Path(ckpt)
+        if not ckpt.is_absolute() and not ckpt.exists() and (run / ckpt).exists():
+            ckpt = run / ckpt
+        if not ckpt.is_file():
+            raise ConvertError(f"{ckpt}: no such checkpoint file (given with --ckpt)")
+        reason = "given with --ckpt"
+    elif (ckpt_dir / "last.ckpt").is_file():
+        ckpt, reason = ckpt_dir / "last.ckpt", "last.ckpt"
+    else:
+        lightning = [p for p in found if p.suffix == ".ckpt"]
+        if not lightning:
+            raise ConvertError(f"{ckpt_dir}: no checkpoint (*.ckpt) found; pass one with --ckpt")
+        steps = {p: _global_step(p) for p in lightning}
+        ckpt = max(lightning, key=lambda p: (steps[p], p.stat().st_mtime))
+        reason = f"newest by global_step ({steps[ckpt]}) of {len(lightning)}"
+
+    if adapter_dir is not None:
+        adapter_root = Path(adapter_dir)
+        if not adapter_root.is_dir():
+            raise ConvertError(f"{adapter_root}: no such adapter folder (given with --adapter-dir)")
+    else:
+        adapter_root = run / "lora_weights" if (run / "lora_weights").is_dir() else None
+    return RunInputs(run, ckpt, adapter_root, found, reason)

@@ -1,0 +1,237 @@
+"""Key mapping: wrapper prefixes, components and PEFT's key layout, as small pure functions over key names.
+
+Every rule is anchored (``^...$`` regexes, whole dot-separated segments); nothing here looks for substrings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+
+from .config import Component, LayoutConfig
+from .errors import ConvertError, preview
+
+PEFT_PREFIX = "base_model.model."
+LORA_FACTORS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+_ADAPTER_SLOT = re.compile(r"^(?:.+\.)?(?:" + "|".join(LORA_FACTORS) + r"|modules_to_save)\.(?P<name>[^.]+)(?:\..+)?$")
+
+# Dispositions of a source key.
+WRITTEN = "written"
+MERGED = "merged into its base layer"
+SUPERSEDED = "original_module superseded by modules_to_save"
+
+
+@dataclasses.dataclass(frozen=True)
+class OuterPrefix:
+    """The segments in front of every component prefix: wrappers and at most one LightningModule attribute."""
+
+    prefix: str
+    wrappers: tuple[str, ...]
+    attribute: str | None
+
+
+@dataclasses.dataclass
+class Split:
+    """Source keys sorted by component. ``keys[name]`` maps the component-relative key to the source key."""
+
+    outer: OuterPrefix
+    keys: dict[str, dict[str, str]]
+    dropped: dict[str, list[str]]  # reason -> source keys dropped by a config rule
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftLayout:
+    """What a PEFT-wrapped sub-model's keys say about it (keys relative to the component)."""
+
+    adapter_name: str
+    lora_modules: tuple[str, ...]  # module paths (without base_model.model.) that carry lora_A/lora_B
+    modules_to_save: tuple[str, ...]  # module paths wrapped by ModulesToSaveWrapper
+    use_dora: bool
+    base_layers: int
+
+    @property
+    def target_names(self) -> list[str]:
+        return sorted({m.rsplit(".", 1)[-1] for m in self.lora_modules})
+
+    @property
+    def saved_names(self) -> list[str]:
+        return sorted({m.rsplit(".", 1)[-1] for m in self.modules_to_save})
+
+
+def _claims(component: Component, rest: str) -> bool:
+    if component.prefix:
+        return rest.startswith(component.prefix)
+    # An empty prefix is anchored by PEFT's own marker when the component is PEFT-wrapped.
+    return True
+
+
+def _match_component(config: LayoutConfig, rest: str) -> Component | None:
+    for comp in config.components:
+        if _claims(comp, rest):
+            return comp
+    return None
+
+
+def _outer_candidates(key: str, config: LayoutConfig) -> Iterable[tuple[str, ...]]:
+    """Leading segment tuples that could be the outer prefix of ``key``."""
+    parts = key.split(".")
+    yield ()
+    attribute_used = False
+    for i, seg in enumerate(parts[:-1][:4]):
+        if seg in config.wrappers:
+            pass
+        elif not attribute_used and (config.attribute is None or seg == config.attribute):
+            attribute_used = True
+        else:
+            return
+        yield tuple(parts[: i + 1])
+
+
+def detect_outer_prefix(keys: list[str], config: LayoutConfig) -> OuterPrefix:
+    """Pick the outer prefix that lets the config's components claim the most keys.
+
+    Ties prefer a prefix that consumes a LightningModule attribute, then the shorter one. An empty component
+    prefix claims a key only where PEFT's ``base_model.model.`` follows, if any key carries that marker.
+    """
+    peft_anchor = any(k.split(".").count("base_model") for k in keys)
+    scores: Counter[tuple[str, ...]] = Counter()
+    for key in keys:
+        for cand in _outer_candidates(key, config):
+            rest = key[len(".".join(cand)) + 1 :] if cand else key
+            comp = _match_component(config, rest)
+            if comp is None:
+                continue
+            if not comp.prefix and peft_anchor and not rest.startswith(PEFT_PREFIX):
+                continue
+            scores[cand] += 1
+    if not scores:
+        return OuterPrefix("", (), None)
+
+    def rank(cand: tuple[str, ...]) -> tuple[int, int, int]:
+        has_attr = any(seg not in config.wrappers for seg in cand)
+        return (scores[cand], int(has_attr), -len(cand))
+
+    best = max(scores, key=rank)
+    attribute = next((seg for seg in best if seg not in config.wrappers), None)
+    wrappers = tuple(seg for seg in best if seg in config.wrappers)
+    return OuterPrefix(".".join(best) + "." if best else "", wrappers, attribute)
+
+
+def split_components(keys: Iterable[str], config: LayoutConfig) -> Split:
+    """Assign every source key to a component or a drop rule; any key left over is a ConvertError."""
+    keys = list(keys)
+    outer = detect_outer_prefix(keys, config)
+    by_comp: dict[str, dict[str, str]] = {c.name: {} for c in config.components}
+    dropped: dict[str, list[str]] = defaultdict(list)
+    unclaimed = []
+    for key in keys:
+        if not key.startswith(outer.prefix):
+            unclaimed.append(key)
+            continue
+        rest = key[len(outer.prefix) :]
+        rule = next((r for r in config.drop if r.pattern.match(rest)), None)
+        if rule is not None:
+            dropped[rule.reason].append(key)
+            continue
+        comp = _match_component(config, rest)
+        if comp is None:
+            unclaimed.append(key)
+            continue
+        by_comp[comp.name][rest[len(comp.prefix) :]] = key
+    if unclaimed:
+        prefixes = ", ".join(repr(c.prefix) for c in config.components)
+        raise ConvertError(
+            f"{len(unclaimed)} checkpoint keys belong to no component of {config.path.name}: "
+            f"{preview(sorted(unclaimed), 3)}; add a component or a drop rule to {config.path} "
+            f"(outer prefix {outer.prefix!r}, component prefixes {prefixes})"
+        )
+    return Split(outer, by_comp, dict(dropped))
+
+
+def is_peft_wrapped(keys: Iterable[str]) -> bool:
+    """True when the component's keys are those of a PeftModel (every key under ``base_model.model.``)."""
+    keys = list(keys)
+    wrapped = [k.startswith(PEFT_PREFIX) for k in keys]
+    return bool(keys) and all(wrapped)
+
+
+def detect_peft_layout(keys: Iterable[str], where: str) -> PeftLayout:
+    """Read adapter name(s), adapted modules and modules_to_save from a PEFT sub-model's keys."""
+    names: set[str] = set()
+    lora, saved = set(), set()
+    dora = False
+    base_layers = 0
+    for key in keys:
+        inner = key.removeprefix(PEFT_PREFIX)
+        m = _ADAPTER_SLOT.match(inner)
+        if m:
+            names.add(m.group("name"))
+        parts = inner.split(".")
+        for i, seg in enumerate(parts):
+            if seg in ("lora_A", "lora_embedding_A"):
+                lora.add(".".join(parts[:i]))
+            elif seg == "modules_to_save":
+                saved.add(".".join(parts[:i]))
+            elif seg == "lora_magnitude_vector":
+                dora = True
+            elif seg == "base_layer" and i == len(parts) - 2 and parts[-1] == "weight":
+                base_layers += 1
+    if len(names) > 1:
+        raise ConvertError(
+            f"{where}: the checkpoint holds several adapters ({', '.join(sorted(names))}); "
+            "ckpt2hf merges one; delete the others from the model before saving or convert from an adapter folder"
+        )
+    if not names:
+        raise ConvertError(f"{where}: PEFT-wrapped keys without any LoRA adapter tensors; nothing to merge")
+    return PeftLayout(names.pop(), tuple(sorted(lora)), tuple(sorted(saved)), dora, base_layers)
+
+
+def _peft_rules(adapter: str) -> list[tuple[re.Pattern[str], str | None, str]]:
+    """Ordered, anchored rules from a PEFT key (without ``base_model.model.``) to the plain HF key."""
+    a = re.escape(adapter)
+    return [
+        (re.compile(r"^(?P<m>.+)\.base_layer\.(?P<p>[^.]+)$"), r"\g<m>.\g<p>", MERGED),
+        (re.compile(rf"^.+\.(?:lora_A|lora_B)\.{a}\.weight$"), None, MERGED),
+        (re.compile(rf"^.+\.(?:lora_embedding_A|lora_embedding_B)\.{a}$"), None, MERGED),
+        (re.compile(rf"^.+\.lora_magnitude_vector\.{a}\.weight$"), None, MERGED),
+        (re.compile(r"^.+\.original_module\..+$"), None, SUPERSEDED),
+        (re.compile(rf"^(?P<m>.+)\.modules_to_save\.{a}\.(?P<p>.+)$"), r"\g<m>.\g<p>", WRITTEN),
+        (re.compile(r"^(?P<k>.+)$"), r"\g<k>", WRITTEN),
+    ]
+
+
+def plain_keys(keys: Iterable[str], adapter: str) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """Map PEFT keys to the merged model's plain keys.
+
+    Returns ``(plain -> source key of the tensor written under it, disposition -> source keys)``. A base_layer
+    key maps to the plain weight that receives the merge; LoRA factors and superseded originals map to nothing.
+    """
+    rules = _peft_rules(adapter)
+    plain: dict[str, str] = {}
+    fate: dict[str, list[str]] = defaultdict(list)
+    for key in keys:
+        inner = key.removeprefix(PEFT_PREFIX)
+        for pattern, template, disposition in rules:
+            m = pattern.match(inner)
+            if m:
+                break
+        fate[disposition].append(key)
+        if template is not None:
+            target = m.expand(template)
+            if target in plain:
+                raise ConvertError(f"two checkpoint keys map to {target!r}: {plain[target]!r} and {key!r}")
+            plain[target] = key
+    return plain, dict(fate)
+
+
+def adapter_key(key: str, adapter: str) -> str | None:
+    """The key PEFT's save_pretrained gives a checkpoint key of adapter ``adapter`` (None: not in the adapter)."""
+    parts = key.split(".")
+    for i, seg in enumerate(parts[:-1]):
+        if seg in LORA_FACTORS and parts[i + 1] == adapter:
+            return ".".join(parts[: i + 1] + parts[i + 2 :])
+        if seg == "modules_to_save" and parts[i + 1] == adapter:
+            return ".".join(parts[:i] + parts[i + 2 :])
+    return None

@@ -1,0 +1,132 @@
+"""Writing the export: a staging folder renamed into place, safetensors files, support files, hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .errors import ConvertError
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_METADATA = {"format": "pt"}
+# Files copied from a base folder when present: generation settings, tokenizer, processor.
+SUPPORT_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+
+
+@contextmanager
+def staged_output(out: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out``; on success rename it to ``out``, on failure remove it.
+
+    An existing ``out`` is refused unless ``force``; with ``force`` it stays intact until the new one is complete.
+    """
+    out = Path(out)
+    if out.exists() and not force:
+        raise ConvertError(f"{out}: already exists; pass --force to replace it or choose another --out")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConvertError(f"{parent}: cannot create the output's parent folder ({exc.strerror})") from exc
+    tag = uuid.uuid4().hex[:8]
+    stage = parent / f".{out.name}.ckpt2hf-tmp-{tag}"
+    try:
+        stage.mkdir()
+    except OSError as exc:
+        raise ConvertError(f"{parent}: cannot write here ({exc.strerror}); choose another --out") from exc
+    try:
+        yield stage
+        _fsync_tree(stage)
+        if out.exists():
+            old = parent / f".{out.name}.ckpt2hf-old-{tag}"
+            out.rename(old)
+            stage.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            stage.rename(out)
+        _fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb+") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def write_hf_weights(folder: Path, tensors: Mapping[str, torch.Tensor], max_shard_size: str | int) -> None:
+    """model.safetensors, or shards plus model.safetensors.index.json, via huggingface_hub's serializer."""
+    from huggingface_hub import save_torch_state_dict
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_torch_state_dict(dict(tensors), folder, max_shard_size=max_shard_size, metadata=dict(SAFETENSORS_METADATA))
+
+
+def write_module_file(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """One safetensors file holding a module's state_dict."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: t.contiguous() for k, t in tensors.items()}, path, metadata=dict(SAFETENSORS_METADATA))
+
+
+def copy_support_files(base: Path, folder: Path) -> list[str]:
+    """Copy the generation config, tokenizer and processor files that ``base`` has; return their names."""
+    copied = []
+    for name in SUPPORT_FILES:
+        src = base / name
+        if src.is_file():
+            shutil.copyfile(src, folder / name)
+            copied.append(name)
+    return copied
+
+
+def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_records(root: Path, skip: tuple[str, ...] = ()) -> list[dict[str, object]]:
+    """``{"path", "bytes", "sha256"}`` for every file under ``root`` (paths relative to it, sorted)."""
+    records = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if rel in skip:
+            continue
+        records.append({"path": rel, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+    return records
