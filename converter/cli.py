@@ -38,10 +38,20 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--ckpt", type=Path, help="checkpoint to convert (default: last.ckpt, else newest by step)")
     conv.add_argument("--config", default="panorama_vlm", help="layout config: a name in configs/ or a YAML path")
     conv.add_argument("--adapter-dir", type=Path, help="PEFT adapter folder (default: RUN/lora_weights)")
-    conv.add_argument("--lora-from", choices=["auto", "checkpoint", "adapter"], default="auto",
-                      help="LoRA tensors to merge; auto requires the checkpoint and adapter folder to agree")
-    conv.add_argument("--base", type=_base_arg, action="append", default=[], metavar="NAME=PATH",
-                      help="folder with config.json (and tokenizer) for a component, e.g. language_model=PATH")
+    conv.add_argument(
+        "--lora-from",
+        choices=["auto", "checkpoint", "adapter"],
+        default="auto",
+        help="LoRA tensors to merge; auto requires the checkpoint and adapter folder to agree",
+    )
+    conv.add_argument(
+        "--base",
+        type=_base_arg,
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="folder with config.json (and tokenizer) for a component, e.g. language_model=PATH",
+    )
     conv.add_argument("--dtype", default="auto", help="output dtype: auto (base config's), float32, bfloat16, float16")
     conv.add_argument("--device", default="auto", help="where to merge: auto (GPU when present), cpu, cuda")
     conv.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
@@ -75,8 +85,10 @@ def _print_plan(summary: dict[str, Any]) -> None:
     width = max(len(p["component"]) for p in summary["plan"])
     for p in summary["plan"]:
         dtypes = ", ".join(f"{d} x{n}" for d, n in p["dtypes"].items())
-        print(f"  {p['component']:<{width}}  {p['out'] + '/':<18} {p['tensors']:>6} tensors  "
-              f"{p['bytes'] / 1e6:>10.2f} MB  {dtypes}")
+        print(
+            f"  {p['component']:<{width}}  {p['out'] + '/':<18} {p['tensors']:>6} tensors  "
+            f"{p['bytes'] / 1e6:>10.2f} MB  {dtypes}"
+        )
 
 
 def _print_result(manifest: dict[str, Any]) -> None:
@@ -100,9 +112,19 @@ def main(argv: list[str] | None = None) -> int:
             from .convert import ConvertOptions, convert
 
             opts = ConvertOptions(
-                run=args.run, out=args.out, ckpt=args.ckpt, config=args.config, adapter_dir=args.adapter_dir,
-                lora_from=args.lora_from, bases=dict(args.base), dtype=args.dtype, device=args.device,
-                verify=args.verify, dry_run=args.dry_run, force=args.force, max_shard_size=args.max_shard_size,
+                run=args.run,
+                out=args.out,
+                ckpt=args.ckpt,
+                config=args.config,
+                adapter_dir=args.adapter_dir,
+                lora_from=args.lora_from,
+                bases=dict(args.base),
+                dtype=args.dtype,
+                device=args.device,
+                verify=args.verify,
+                dry_run=args.dry_run,
+                force=args.force,
+                max_shard_size=args.max_shard_size,
                 progress=not args.quiet and not args.json,
             )
             result = convert(opts)

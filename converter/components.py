@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from . import verify as checks
 from .config import Component
 from .errors import ConvertError, preview
-from .keymap import MERGED, SUPERSEDED, WRITTEN, PeftLayout, detect_peft_layout, is_peft_wrapped, plain_keys
+from .keymap import WRITTEN, PeftLayout, detect_peft_layout, is_peft_wrapped, plain_keys
 from .merge import (
     AdapterFacts,
     adapter_tensors_as_checkpoint,
@@ -91,7 +91,7 @@ class Part:
         dtype = self.out_dtype()
         out = [dtype if dtype is not None and t.is_floating_point() else t.dtype for t in planned.values()]
         dtypes = Counter(str(d).removeprefix("torch.") for d in out)
-        size = sum(t.numel() * d.itemsize for t, d in zip(planned.values(), out))
+        size = sum(t.numel() * d.itemsize for t, d in zip(planned.values(), out, strict=True))
         return {
             "component": self.comp.name,
             "kind": self.comp.kind,
@@ -151,10 +151,14 @@ def resolve_base(comp: Component, ctx: Context) -> tuple[Path, str]:
         cached = _hub_cache_snapshot(value)
         if cached is not None:
             return cached, f"hyper_parameters.{hp} (Hugging Face cache)"
-    said = f"hyper_parameters give {', '.join(tried)}, neither a local folder nor in the Hugging Face cache" if tried \
+    said = (
+        f"hyper_parameters give {', '.join(tried)}, neither a local folder nor in the Hugging Face cache"
+        if tried
         else f"hyper_parameters have no {' or '.join(comp.base) or 'base entry'}"
+    )
     raise ConvertError(
-        f"{ctx.checkpoint_path}: no config for {comp.name}: {said}; pass --base {comp.name}=PATH (a folder with config.json)"
+        f"{ctx.checkpoint_path}: no config for {comp.name}: {said}; "
+        f"pass --base {comp.name}=PATH (a folder with config.json)"
     )
 
 
@@ -189,8 +193,10 @@ class HFPart(Part):
         self.replacements: dict[str, torch.Tensor] = {}
         if is_peft_wrapped(keys):
             if self.auto_class != "AutoModelForCausalLM":
-                raise ConvertError(f"{ctx.checkpoint_path}: {comp.name} is PEFT-wrapped, but LoRA is merged only in "
-                                   f"hf_causal_lm components; change its kind in the config")
+                raise ConvertError(
+                    f"{ctx.checkpoint_path}: {comp.name} is PEFT-wrapped, but LoRA is merged only in "
+                    f"hf_causal_lm components; change its kind in the config"
+                )
             self._prepare_peft()
         else:
             self.plain = {rel: rel for rel in keys}
@@ -214,10 +220,14 @@ class HFPart(Part):
             if not cmp.equal and self.ctx.lora_from == "auto":
                 what = []
                 if cmp.differing:
-                    what.append(f"{len(cmp.differing)} of {cmp.keys} tensors differ, max abs diff {cmp.max_abs_diff:.3g}")
+                    what.append(
+                        f"{len(cmp.differing)} of {cmp.keys} tensors differ, max abs diff {cmp.max_abs_diff:.3g}"
+                    )
                 if cmp.only_checkpoint or cmp.only_adapter:
-                    what.append(f"{len(cmp.only_checkpoint)} keys only in the checkpoint, "
-                                f"{len(cmp.only_adapter)} only in the adapter folder")
+                    what.append(
+                        f"{len(cmp.only_checkpoint)} keys only in the checkpoint, "
+                        f"{len(cmp.only_adapter)} only in the adapter folder"
+                    )
                 raise ConvertError(
                     f"{self.adapter.weights_path} and {self.ctx.checkpoint_path} hold different LoRA weights "
                     f"({'; '.join(what)}); the adapter folder was probably saved at another step; choose one with "
@@ -226,15 +236,19 @@ class HFPart(Part):
             if self.ctx.lora_from == "adapter":
                 self.replacements = adapter_tensors_as_checkpoint(list(self.keys), self.adapter, layout.adapter_name)
                 tensors_from = "adapter"
-            log.info("LoRA sources: checkpoint and %s %s", self.adapter.weights_path,
-                     "agree" if cmp.equal else f"differ; using the {tensors_from}")
+            log.info(
+                "LoRA sources: checkpoint and %s %s",
+                self.adapter.weights_path,
+                "agree" if cmp.equal else f"differ; using the {tensors_from}",
+            )
         elif self.ctx.lora_from == "adapter":
             raise ConvertError(f"{self.ctx.run}: --lora-from adapter, but there is no adapter folder (lora_weights/)")
         self.adapter_facts = AdapterFacts(
             name=layout.adapter_name,
             r=lora_config.r,
             alpha=lora_config.lora_alpha,
-            target_modules=sorted(lora_config.target_modules) if not isinstance(lora_config.target_modules, str)
+            target_modules=sorted(lora_config.target_modules)
+            if not isinstance(lora_config.target_modules, str)
             else [lora_config.target_modules],
             modules_to_save=sorted(lora_config.modules_to_save or []),
             use_rslora=bool(lora_config.use_rslora),
@@ -270,8 +284,14 @@ class HFPart(Part):
         if self.embed_key in self.plain and hasattr(text_config, "vocab_size"):
             rows = self._tensor(self.embed_key).shape[0]
             if rows != text_config.vocab_size:
-                log.warning("%s: the checkpoint's embeddings have %d rows, the base config says vocab_size %d; "
-                            "writing vocab_size %d", self.comp.name, rows, text_config.vocab_size, rows)
+                log.warning(
+                    "%s: the checkpoint's embeddings have %d rows, the base config says vocab_size %d; "
+                    "writing vocab_size %d",
+                    self.comp.name,
+                    rows,
+                    text_config.vocab_size,
+                    rows,
+                )
                 text_config.vocab_size = rows
                 self.info["vocab_size_changed"] = rows
 
@@ -290,8 +310,10 @@ class HFPart(Part):
         head, embed = self._tensor(self.head_key), self._tensor(self.embed_key)
         if head.shape == embed.shape and torch.equal(head, embed):
             return True
-        log.warning("%s: the trained lm_head differs from embed_tokens; writing tie_word_embeddings false and "
-                    "keeping both", self.comp.name)
+        log.warning(
+            "%s: the trained lm_head differs from embed_tokens; writing tie_word_embeddings false and keeping both",
+            self.comp.name,
+        )
         return False
 
     def out_dtype(self) -> torch.dtype | None:
@@ -318,8 +340,12 @@ class HFPart(Part):
         where = f"{self.ctx.checkpoint_path} ({self.comp.name})"
         model = build_peft_model(self.hf_config, self.lora_config, self.layout.adapter_name, self.ctx.device)
         sources = {rel: self.replacements.get(rel, self.source[src]) for rel, src in self.keys.items()}
-        load_exactly(model, _progress(sources, "reading " + self.comp.name, self.ctx.progress), where,
-                     "check that the base config matches the trained model (--base)")
+        load_exactly(
+            model,
+            _progress(sources, "reading " + self.comp.name, self.ctx.progress),
+            where,
+            "check that the base config matches the trained model (--base)",
+        )
         if verify:
             self.probe = checks.probe_input_ids(self.hf_config.get_text_config().vocab_size)
             self.reference = checks.causal_lm_logits(model, self.probe)
@@ -331,8 +357,10 @@ class HFPart(Part):
             extra.remove(self.head_key)  # the base still ties lm_head to the embeddings
             state.pop(self.head_key)
         if extra or missing:
-            raise ConvertError(f"{where}: merge_and_unload gave other keys than planned: "
-                               f"extra {preview(extra, 3)}, missing {preview(missing, 3)}")
+            raise ConvertError(
+                f"{where}: merge_and_unload gave other keys than planned: "
+                f"extra {preview(extra, 3)}, missing {preview(missing, 3)}"
+            )
         return state
 
     def write(self, folder: Path, reference: bool) -> None:
@@ -344,15 +372,19 @@ class HFPart(Part):
             head, embed = state[self.head_key], state[self.embed_key]
             if not torch.equal(head, embed):
                 self.tie = False
-                log.warning("%s: lm_head differs from embed_tokens after the merge; writing tie_word_embeddings "
-                            "false", self.comp.name)
+                log.warning(
+                    "%s: lm_head differs from embed_tokens after the merge; writing tie_word_embeddings false",
+                    self.comp.name,
+                )
             else:
                 state.pop(self.head_key)
                 self.fate.setdefault(TIED, []).append(self.head_key)
                 self.fate[WRITTEN] = [k for k in self.fate.get(WRITTEN, []) if self.plain.get(self.head_key) != k]
         dtype = self.out_dtype()
-        out = {k: (_cast(t, dtype) if dtype else t).to("cpu").contiguous()
-               for k, t in _progress(state, "casting " + self.comp.name, self.ctx.progress).items()}
+        out = {
+            k: (_cast(t, dtype) if dtype else t).to("cpu").contiguous()
+            for k, t in _progress(state, "casting " + self.comp.name, self.ctx.progress).items()
+        }
         self.written_keys = sorted(out)
         write_hf_weights(folder, out, self.ctx.max_shard_size)
         del out, state
@@ -391,8 +423,11 @@ class HFPart(Part):
         plan["base"] = str(self.base_dir)
         plan["tie_word_embeddings"] = self.tie if self._tied_config() else False
         if self.adapter_facts is not None:
-            plan["lora"] = {"adapter": self.adapter_facts.name, "pairs": self.adapter_facts.lora_pairs,
-                            "tensors_from": self.adapter_facts.tensors_from}
+            plan["lora"] = {
+                "adapter": self.adapter_facts.name,
+                "pairs": self.adapter_facts.lora_pairs,
+                "tensors_from": self.adapter_facts.tensors_from,
+            }
         return plan
 
 

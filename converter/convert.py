@@ -85,8 +85,12 @@ def convert(opts: ConvertOptions) -> dict[str, Any]:
     checkpoint = read_checkpoint(inputs.checkpoint)
     config = load_config(opts.config)
     split = split_components(checkpoint.tensors.keys(), config)
-    log.info("outer prefix %r (wrappers: %s; attribute: %s)", split.outer.prefix,
-             ", ".join(split.outer.wrappers) or "none", split.outer.attribute or "none")
+    log.info(
+        "outer prefix %r (wrappers: %s; attribute: %s)",
+        split.outer.prefix,
+        ", ".join(split.outer.wrappers) or "none",
+        split.outer.attribute or "none",
+    )
     ctx = Context(
         hparams=checkpoint.hparams,
         checkpoint_path=inputs.checkpoint,
@@ -128,8 +132,11 @@ def convert(opts: ConvertOptions) -> dict[str, Any]:
         "format": MANIFEST_FORMAT,
         "config": config.name,
         "source": source,
-        "wrappers": {"prefix": split.outer.prefix, "wrappers": list(split.outer.wrappers),
-                     "attribute": split.outer.attribute},
+        "wrappers": {
+            "prefix": split.outer.prefix,
+            "wrappers": list(split.outer.wrappers),
+            "attribute": split.outer.attribute,
+        },
         "plan": [p.plan() for p in parts],
     }
     if opts.dry_run:
@@ -163,8 +170,9 @@ def _relative(path: Path, root: Path) -> str:
 
 def _manifest(summary: dict[str, Any], parts: list[Part], split: Any, opts: ConvertOptions) -> dict[str, Any]:
     adapter = next((dataclasses.asdict(p.adapter_facts) for p in parts if getattr(p, "adapter_facts", None)), None)
-    accounting: dict[str, Any] = {"source_keys": sum(len(p.keys) for p in parts)
-                                  + sum(len(v) for v in split.dropped.values())}
+    accounting: dict[str, Any] = {
+        "source_keys": sum(len(p.keys) for p in parts) + sum(len(v) for v in split.dropped.values())
+    }
     for p in parts:
         accounting[p.comp.name] = p.accounting()
     if split.dropped:
@@ -175,8 +183,12 @@ def _manifest(summary: dict[str, Any], parts: list[Part], split: Any, opts: Conv
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "adapter": adapter,
         "components": {
-            p.comp.name: {"path": p.comp.out or ".", **_without(p.plan(), "component", "out"), **p.info,
-                          **({"base_config_from": p.base_from} if hasattr(p, "base_from") else {})}
+            p.comp.name: {
+                "path": p.comp.out or ".",
+                **_without(p.plan(), "component", "out"),
+                **p.info,
+                **({"base_config_from": p.base_from} if hasattr(p, "base_from") else {}),
+            }
             for p in parts
         },
         "keys": accounting,
@@ -206,18 +218,23 @@ def _write_model_card(stage: Path, manifest: dict[str, Any], parts: list[Part]) 
         f"| `{name}` | `{c['path']}` | {c['kind']} | {c['tensors']} | {', '.join(c['dtypes'])} |"
         for name, c in manifest["components"].items()
     )
-    lora = (f"LoRA adapter `{adapter['name']}` (r={adapter['r']}, alpha={adapter['alpha']}, "
+    lora = (
+        (
+            f"LoRA adapter `{adapter['name']}` (r={adapter['r']}, alpha={adapter['alpha']}, "
             f"rsLoRA={adapter['use_rslora']}, DoRA={adapter['use_dora']}) merged with PEFT's `merge_and_unload`; "
-            f"tensors from the {adapter['tensors_from']}, config from {adapter['config_from']}.") if adapter else \
-        "No LoRA adapter was present."
+            f"tensors from the {adapter['tensors_from']}, config from {adapter['config_from']}."
+        )
+        if adapter
+        else "No LoRA adapter was present."
+    )
     content = f"""---
 {data.to_yaml()}
 ---
 
 # Export of a Lightning run
 
-Converted by ckpt2hf from `{src['path']}` (epoch {src['epoch']}, global step {src['global_step']},
-sha256 `{src.get('sha256', '')}`). {lora}
+Converted by ckpt2hf from `{src["path"]}` (epoch {src["epoch"]}, global step {src["global_step"]},
+sha256 `{src.get("sha256", "")}`). {lora}
 
 | component | folder | kind | tensors | dtypes |
 |---|---|---|---|---|

@@ -150,24 +150,76 @@ def _lightning_module_class():  # imported lazily: lightning is a dev dependency
         def vlm(self) -> PanoramaVLM:
             return getattr(self, self.attribute)
 
+        @property
+        def language_model(self):
+            return self.vlm.language_model
+
         def training_step(self, batch, batch_idx):
             pixel_values, input_ids = batch
             logits = self.vlm(pixel_values, input_ids)
             text_logits = logits[:, -input_ids.shape[1] : -1]
-            return nn.functional.cross_entropy(text_logits.reshape(-1, text_logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+            return nn.functional.cross_entropy(
+                text_logits.reshape(-1, text_logits.shape[-1]), input_ids[:, 1:].reshape(-1)
+            )
 
         def configure_optimizers(self):
             params = [p for p in self.parameters() if p.requires_grad]
             return torch.optim.AdamW(params, lr=self.hparams.lr)
 
+    class CausalLMModule(lightning.LightningModule):
+        """A plain Lightning + PEFT causal LM (the layout of configs/causal_lm.yaml)."""
+
+        def __init__(
+            self,
+            language_model_name: str,
+            lora_r: int = 8,
+            lora_alpha: int = 16,
+            lr: float = 5e-3,
+            modules_to_save: list[str] | None = None,
+        ) -> None:
+            super().__init__()
+            from peft import LoraConfig, get_peft_model
+            from transformers import AutoModelForCausalLM
+
+            self.save_hyperparameters()
+            base = AutoModelForCausalLM.from_pretrained(language_model_name, dtype=torch.float32)
+            lora = LoraConfig(
+                r=lora_r,
+                lora_alpha=lora_alpha,
+                lora_dropout=0.0,
+                target_modules=["q_proj", "v_proj"],
+                modules_to_save=modules_to_save,
+                task_type="CAUSAL_LM",
+            )
+            self.model = get_peft_model(base, lora)
+
+        @property
+        def language_model(self):
+            return self.model
+
+        def training_step(self, batch, batch_idx):
+            _, input_ids = batch
+            return self.model(input_ids=input_ids, labels=input_ids).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr)
+
+    PanoramaModule.causal_lm = CausalLMModule
     return PanoramaModule
 
 
-def build_bases(root: Path, shape: TinyShape = TinyShape(), seed: int = 0) -> tuple[Path, Path]:
+def build_bases(root: Path, shape: TinyShape | None = None, seed: int = 0) -> tuple[Path, Path]:
     """Write tiny base models (config, weights, tokenizer) to ROOT/bases; return (vision, language) folders."""
-    from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
-    from transformers import SiglipVisionConfig, SiglipVisionModel
+    from transformers import (
+        GenerationConfig,
+        PreTrainedTokenizerFast,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
 
+    shape = shape or TinyShape()
     torch.manual_seed(seed)
     lm_dir, vision_dir = root / "bases" / "language_model", root / "bases" / "vision_encoder"
     lm_config = Qwen3Config(
@@ -223,27 +275,34 @@ class RunSpec:
     adapter_step: int | None = None
     lora_extra: dict[str, Any] | None = None
     seed: int = 0
+    causal_lm: bool = False  # a plain PEFT causal LM instead of PanoramaVLM
 
 
-def build_run(root: Path, spec: RunSpec = RunSpec(), bases: tuple[Path, Path] | None = None) -> Path:
+def build_run(root: Path, spec: RunSpec | None = None, bases: tuple[Path, Path] | None = None) -> Path:
     """Train a tiny PanoramaVLM with a real Trainer and return ROOT/runs/NAME (checkpoints + lora_weights)."""
     import lightning
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-    root = Path(root)
+    root, spec = Path(root), spec or RunSpec()
     vision_dir, lm_dir = bases or build_bases(root)
     run_dir = root / "runs" / spec.name
     lightning.seed_everything(spec.seed, verbose=False)
-    module = _lightning_module_class()(
-        vision_name=str(vision_dir),
-        language_model_name=str(lm_dir),
-        lora_r=spec.lora_r,
-        lora_alpha=spec.lora_alpha,
-        adapter_name=spec.adapter_name,
-        modules_to_save=list(spec.modules_to_save) if spec.modules_to_save else None,
-        attribute=spec.attribute,
-        lora_extra=spec.lora_extra,
-    )
+    modules_to_save = list(spec.modules_to_save) if spec.modules_to_save else None
+    if spec.causal_lm:
+        module = _lightning_module_class().causal_lm(
+            str(lm_dir), spec.lora_r, spec.lora_alpha, modules_to_save=modules_to_save
+        )
+    else:
+        module = _lightning_module_class()(
+            vision_name=str(vision_dir),
+            language_model_name=str(lm_dir),
+            lora_r=spec.lora_r,
+            lora_alpha=spec.lora_alpha,
+            adapter_name=spec.adapter_name,
+            modules_to_save=modules_to_save,
+            attribute=spec.attribute,
+            lora_extra=spec.lora_extra,
+        )
     vision_config = json.loads((vision_dir / "config.json").read_text())
     vocab = json.loads((lm_dir / "config.json").read_text())["vocab_size"]
     size = vision_config["image_size"]
@@ -253,7 +312,7 @@ def build_run(root: Path, spec: RunSpec = RunSpec(), bases: tuple[Path, Path] | 
     class SaveAdapter(Callback):
         def on_train_batch_end(self, trainer, pl_module, *args):
             if spec.adapter_step is not None and trainer.global_step == spec.adapter_step:
-                pl_module.vlm.language_model.save_pretrained(run_dir / "lora_weights")
+                pl_module.language_model.save_pretrained(run_dir / "lora_weights")
 
     trainer = lightning.Trainer(
         max_steps=spec.steps,
@@ -267,7 +326,7 @@ def build_run(root: Path, spec: RunSpec = RunSpec(), bases: tuple[Path, Path] | 
     )
     trainer.fit(module, loader)
     if spec.adapter_step is None:
-        module.vlm.language_model.save_pretrained(run_dir / "lora_weights")
+        module.language_model.save_pretrained(run_dir / "lora_weights")
     return run_dir
 
 
@@ -276,7 +335,8 @@ def load_trained_module(run_dir: Path, ckpt: str = "last.ckpt"):
     cls = _lightning_module_class()
     ckpt_path = Path(run_dir) / "checkpoints" / ckpt
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    module = cls(**checkpoint["hyper_parameters"])
+    hparams = checkpoint["hyper_parameters"]
+    module = cls(**hparams) if "vision_name" in hparams else cls.causal_lm(**hparams)
     module.load_state_dict(checkpoint["state_dict"])
     return module.eval()
 

@@ -213,10 +213,7 @@ def plain_keys(keys: Iterable[str], adapter: str) -> tuple[dict[str, str], dict[
     fate: dict[str, list[str]] = defaultdict(list)
     for key in keys:
         inner = key.removeprefix(PEFT_PREFIX)
-        for pattern, template, disposition in rules:
-            m = pattern.match(inner)
-            if m:
-                break
+        m, template, disposition = next((m, t, d) for p, t, d in rules if (m := p.match(inner)))
         fate[disposition].append(key)
         if template is not None:
             target = m.expand(template)
@@ -230,6 +227,8 @@ def adapter_key(key: str, adapter: str) -> str | None:
     """The key PEFT's save_pretrained gives a checkpoint key of adapter ``adapter`` (None: not in the adapter)."""
     parts = key.split(".")
     for i, seg in enumerate(parts[:-1]):
+        if seg == "lora_magnitude_vector" and parts[i + 1 :] == [adapter, "weight"]:
+            return ".".join(parts[: i + 1])  # PEFT keeps DoRA's pre-refactor key, without ".weight"
         if seg in LORA_FACTORS and parts[i + 1] == adapter:
             return ".".join(parts[: i + 1] + parts[i + 2 :])
         if seg == "modules_to_save" and parts[i + 1] == adapter:

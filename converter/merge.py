@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import warnings
@@ -57,7 +58,11 @@ def lora_config_from(
         if (h_r is not None and h_r != cfg.r) or (h_alpha is not None and h_alpha != cfg.lora_alpha):
             log.warning(
                 "hyper_parameters say lora_r=%s lora_alpha=%s but %s says r=%s alpha=%s; using the adapter config",
-                h_r, h_alpha, adapter.path / "adapter_config.json", cfg.r, cfg.lora_alpha,
+                h_r,
+                h_alpha,
+                adapter.path / "adapter_config.json",
+                cfg.r,
+                cfg.lora_alpha,
             )
         return cfg, "adapter_config.json"
     r, alpha = hparams.get("lora_r"), hparams.get("lora_alpha")
@@ -161,6 +166,7 @@ def build_peft_model(hf_config: Any, lora_config: Any, adapter_name: str, device
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
+    hf_config = copy.deepcopy(hf_config)  # merge_and_unload edits the model's config (tie_word_embeddings)
     with _peft_warnings_to_log(), torch.device(device), no_init_weights():
         base = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
         model = PeftModel(base, lora_config, adapter_name=adapter_name)
@@ -178,8 +184,9 @@ def load_exactly(model: nn.Module, tensors: Mapping[str, torch.Tensor], where: s
             parts.append(f"{len(missing)} missing ({preview(missing, 3)})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected ({preview(unexpected, 3)})")
-        raise ConvertError(f"{where}: the checkpoint does not fit the model built from its config: "
-                           f"{'; '.join(parts)}; {hint}")
+        raise ConvertError(
+            f"{where}: the checkpoint does not fit the model built from its config: {'; '.join(parts)}; {hint}"
+        )
     wrong = [
         f"{k} {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)}"
         for k in sorted(expected)
@@ -187,8 +194,7 @@ def load_exactly(model: nn.Module, tensors: Mapping[str, torch.Tensor], where: s
     ]
     if wrong:
         raise ConvertError(
-            f"{where}: {len(wrong)} tensors have other shapes than the config gives: {preview(wrong, 2)}; "
-            f"{hint}"
+            f"{where}: {len(wrong)} tensors have other shapes than the config gives: {preview(wrong, 2)}; {hint}"
         )
     with torch.no_grad():
         model.load_state_dict(dict(tensors), strict=True)

@@ -51,7 +51,9 @@ def load_clean(folder: Path, auto_class: str, device: torch.device) -> nn.Module
         model, info = cls.from_pretrained(
             folder, dtype=torch.float32, output_loading_info=True, device_map=None, local_files_only=True
         )
-    problems = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    problems = {
+        k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
+    }
     reports = [m for m in warned if "LOAD REPORT" in m]
     if problems or reports:
         detail = "; ".join(f"{k}: {preview([str(x) for x in v], 3)}" for k, v in problems.items()) or "a load report"
@@ -78,11 +80,13 @@ def compare_logits(reference: torch.Tensor, exported: torch.Tensor, dtype: torch
 def read_written(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of an export folder (single file or index + shards), keyed by name."""
     index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    )
     tensors = {}
     for name in files:
         with safe_open(folder / name, framework="pt") as fh:
-            for key in fh.keys():
+            for key in fh.keys():  # noqa: SIM118 (safe_open is not iterable)
                 tensors[key] = fh.get_tensor(key)
     return tensors
 

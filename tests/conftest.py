@@ -1,0 +1,69 @@
+"""Session fixtures: real training runs (tiny models from config, a real lightning.Trainer, real PEFT saves)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from converter.example import RunSpec, TinyShape, build_bases, build_run  # noqa: E402
+
+for _name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+warnings.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="session")
+def bases(tmp_path_factory) -> tuple[Path, Path]:
+    """Tiny SigLIP vision tower and tiny Qwen3 LM (tie_word_embeddings true), as local HF folders."""
+    return build_bases(tmp_path_factory.mktemp("bases"))
+
+
+def _run(tmp_path_factory, bases, **spec) -> Path:
+    root = tmp_path_factory.mktemp(spec.get("name", "run"))
+    return build_run(root, RunSpec(**spec), bases=bases)
+
+
+@pytest.fixture(scope="session")
+def pano_run(tmp_path_factory, bases) -> Path:
+    """The seed layout: LoRA r=32 alpha=64 on the 7 projections, modules_to_save embed_tokens + lm_head."""
+    return _run(tmp_path_factory, bases, name="pano")
+
+
+@pytest.fixture(scope="session")
+def stale_adapter_run(tmp_path_factory, bases) -> Path:
+    """lora_weights/ saved at step 1, the checkpoint at step 3."""
+    return _run(tmp_path_factory, bases, name="stale", adapter_step=1)
+
+
+@pytest.fixture(scope="session")
+def named_adapter_run(tmp_path_factory, bases) -> Path:
+    """Adapter named "pano" (saved in lora_weights/pano/), model under the attribute "net"."""
+    return _run(tmp_path_factory, bases, name="named", adapter_name="pano", attribute="net")
+
+
+@pytest.fixture(scope="session")
+def dora_run(tmp_path_factory, bases) -> Path:
+    """DoRA with rsLoRA scaling and a rank pattern: variants whose merge PEFT defines."""
+    extra = {"use_dora": True, "use_rslora": True, "rank_pattern": {"down_proj": 4}, "alpha_pattern": {"q_proj": 8}}
+    return _run(tmp_path_factory, bases, name="dora", lora_r=8, lora_alpha=16, lora_extra=extra)
+
+
+@pytest.fixture(scope="session")
+def causal_lm_run(tmp_path_factory, bases) -> Path:
+    """A plain Lightning + PEFT causal LM without modules_to_save: lm_head stays tied."""
+    return _run(tmp_path_factory, bases, name="causal", causal_lm=True, modules_to_save=None)
+
+
+@pytest.fixture(scope="session")
+def deep_run(tmp_path_factory) -> Path:
+    """The 28-layer layout of the seed's Qwen3 LM (narrow, so it trains in seconds)."""
+    root = tmp_path_factory.mktemp("deep")
+    shape = TinyShape(layers=28, hidden=16, intermediate=32, heads=2, kv_heads=1, head_dim=8, vocab=64)
+    return build_run(root, RunSpec(name="deep", steps=1), bases=build_bases(root, shape))

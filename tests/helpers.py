@@ -1,0 +1,85 @@
+"""Test helpers: run the converter (library and CLI) and rebuild the VLM from an export."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoModelForCausalLM
+
+from converter.cli import main
+from converter.convert import ConvertOptions, convert
+from converter.example import Resampler, load_trained_module, make_projector, panorama_logits
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_convert(run: Path, out: Path, **options) -> dict:
+    """The library call, quiet."""
+    return convert(ConvertOptions(run=run, out=out, progress=False, **options))
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """``ckpt2hf ARGV`` in this process: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def cli_subprocess(*argv: str) -> subprocess.CompletedProcess:
+    """``python -m converter ARGV`` in a fresh process (to see exactly what a user sees)."""
+    return subprocess.run(
+        [sys.executable, "-m", "converter", *map(str, argv)], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root``: to assert that sources are untouched."""
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def load_report(folder: Path, cls=AutoModelForCausalLM):
+    model, info = cls.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+    return model.eval(), {
+        k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys")
+    }
+
+
+def probe(run: Path, seed: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random image and text, sized for the run's base models."""
+    hparams = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)["hyper_parameters"]
+    vision = json.loads((Path(hparams["vision_name"]) / "config.json").read_text())
+    vocab = json.loads((Path(hparams["language_model_name"]) / "config.json").read_text())["vocab_size"]
+    gen = torch.Generator().manual_seed(seed)
+    size = vision["image_size"]
+    return torch.randn(2, 3, size, size, generator=gen), torch.randint(0, vocab, (2, 9), generator=gen)
+
+
+@torch.no_grad()
+def trained_logits(run: Path, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """The model that trained (unmerged PEFT), rebuilt from its checkpoint."""
+    module = load_trained_module(run)
+    return module.vlm(pixel_values, input_ids)
+
+
+@torch.no_grad()
+def export_logits(out: Path, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """The VLM reassembled from the export's four folders, no PEFT involved."""
+    vision = AutoModel.from_pretrained(out / "vision_encoder").eval()
+    lm = AutoModelForCausalLM.from_pretrained(out / "language_model", dtype=torch.float32).eval()
+    dim = vision.config.hidden_size
+    resampler = Resampler(dim, num_queries=4)
+    resampler.load_state_dict(load_file(out / "resampler" / "model.safetensors"))
+    projector = make_projector(dim, lm.config.hidden_size)
+    projector.load_state_dict(load_file(out / "projector" / "model.safetensors"))
+    return panorama_logits(vision, resampler.eval(), projector.eval(), lm, pixel_values, input_ids)

@@ -1,0 +1,266 @@
+"""convert on real training runs: clean loads, equal logits, exact key sets, provenance."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import pytest
+import torch
+from helpers import export_logits, load_report, probe, run_convert, trained_logits
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+CLEAN = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
+
+
+@pytest.fixture(scope="module")
+def pano_export(pano_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exports") / "pano"
+    manifest = run_convert(pano_run, out)
+    return out, manifest
+
+
+def test_export_layout(pano_export):
+    out, _ = pano_export
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert files == [
+        "README.md",
+        "language_model/config.json",
+        "language_model/generation_config.json",
+        "language_model/model.safetensors",
+        "language_model/tokenizer.json",
+        "language_model/tokenizer_config.json",
+        "manifest.json",
+        "projector/model.safetensors",
+        "resampler/model.safetensors",
+        "vision_encoder/config.json",
+        "vision_encoder/model.safetensors",
+    ]
+    assert not [p for p in out.parent.iterdir() if "ckpt2hf-tmp" in p.name]
+
+
+def test_hf_folders_load_with_no_missing_or_unexpected_keys(pano_export, caplog):
+    out, _ = pano_export
+    with caplog.at_level("WARNING"):
+        _, lm_info = load_report(out / "language_model")
+        _, vision_info = load_report(out / "vision_encoder", AutoModel)
+    assert lm_info == CLEAN
+    assert vision_info == CLEAN
+    assert "LOAD REPORT" not in caplog.text
+
+
+def test_export_matches_the_model_that_trained(pano_run, pano_export):
+    out, _ = pano_export
+    pixel_values, input_ids = probe(pano_run)
+    expected = trained_logits(pano_run, pixel_values, input_ids)
+    got = export_logits(out, pixel_values, input_ids)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_language_model_keys_are_exactly_the_plain_model_keys(pano_export):
+    out, manifest = pano_export
+    plain = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out / "language_model"))
+    written = set(load_file(out / "language_model" / "model.safetensors"))
+    assert written == set(plain.state_dict())
+    assert manifest["keys"]["language_model"] == {
+        "written": 11,  # 2 x (q/k norm, 2 layer norms) + norm + embed_tokens + lm_head (modules_to_save)
+        "merged into its base layer": 42,  # 14 base layers + 14 lora_A + 14 lora_B
+        "original_module superseded by modules_to_save": 2,
+    }
+
+
+def test_vision_resampler_projector_are_exact_copies(pano_run, pano_export):
+    out, manifest = pano_export
+    state = torch.load(pano_run / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)["state_dict"]
+    for name in ("vision_encoder", "resampler", "projector"):
+        written = load_file(out / name / "model.safetensors")
+        source = {k.removeprefix(f"model.{name}."): v for k, v in state.items() if k.startswith(f"model.{name}.")}
+        assert written.keys() == source.keys()
+        assert all(torch.equal(written[k], source[k]) for k in source)
+        assert manifest["verification"][name]["exact_tensors"] == len(source)
+
+
+def test_trained_lm_head_under_tied_embeddings_survives(pano_run, pano_export):
+    out, _ = pano_export
+    config = json.loads((out / "language_model" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    state = torch.load(pano_run / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)["state_dict"]
+    prefix = "model.language_model.base_model.model."
+    head = state[prefix + "lm_head.modules_to_save.default.weight"]
+    embed = state[prefix + "model.embed_tokens.modules_to_save.default.weight"]
+    assert not torch.equal(head, embed)
+    written = load_file(out / "language_model" / "model.safetensors")
+    assert torch.equal(written["lm_head.weight"], head)
+    assert torch.equal(written["model.embed_tokens.weight"], embed)
+    model = AutoModelForCausalLM.from_pretrained(out / "language_model")
+    assert torch.equal(model.lm_head.weight, head)
+
+
+def test_manifest_records_provenance_and_hashes(pano_run, pano_export):
+    out, manifest = pano_export
+    on_disk = json.loads((out / "manifest.json").read_text())
+    ckpt = pano_run / "checkpoints" / "last.ckpt"
+    assert on_disk["source"]["checkpoint"]["path"] == "checkpoints/last.ckpt"
+    assert on_disk["source"]["checkpoint"]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert on_disk["source"]["checkpoint"]["global_step"] == 3
+    listed = {f["path"]: f for f in on_disk["files"]}
+    present = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(listed) == present
+    for path, record in listed.items():
+        data = (out / path).read_bytes()
+        assert record["bytes"] == len(data)
+        assert record["sha256"] == hashlib.sha256(data).hexdigest()
+    adapter = on_disk["adapter"]
+    assert (adapter["r"], adapter["alpha"], adapter["lora_pairs"]) == (32, 64, 14)
+    assert adapter["modules_to_save"] == ["embed_tokens", "lm_head"]
+    assert adapter["sources_compared"]["equal"] is True
+    assert on_disk["verification"]["language_model"]["max_abs_logit_diff"] < 1e-4
+    assert set(on_disk["versions"]) >= {"torch", "transformers", "peft", "safetensors"}
+
+
+def test_safetensors_metadata_and_model_card(pano_export):
+    out, _ = pano_export
+    for name in ("language_model", "vision_encoder", "resampler", "projector"):
+        with safe_open(out / name / "model.safetensors", framework="pt") as fh:
+            assert fh.metadata() == {"format": "pt"}
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: transformers" in card
+    assert "checkpoints/last.ckpt" in card
+
+
+def test_28_layer_layout_gives_exactly_311_plain_lm_keys(deep_run, tmp_path):
+    out = tmp_path / "deep"
+    manifest = run_convert(deep_run, out)
+    written = set(load_file(out / "language_model" / "model.safetensors"))
+    assert len(written) == 311
+    per_layer = {
+        "self_attn.q_proj.weight",
+        "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight",
+        "self_attn.o_proj.weight",
+        "self_attn.q_norm.weight",
+        "self_attn.k_norm.weight",
+        "mlp.gate_proj.weight",
+        "mlp.up_proj.weight",
+        "mlp.down_proj.weight",
+        "input_layernorm.weight",
+        "post_attention_layernorm.weight",
+    }
+    expected = {f"model.layers.{i}.{k}" for i in range(28) for k in per_layer}
+    expected |= {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    assert written == expected
+    assert manifest["adapter"]["lora_pairs"] == 196
+    assert manifest["adapter"]["sources_compared"]["keys"] == 394
+    assert load_report(out / "language_model")[1] == CLEAN
+
+
+def test_named_adapter_and_another_attribute(named_adapter_run, tmp_path):
+    assert (named_adapter_run / "lora_weights" / "pano" / "adapter_config.json").is_file()
+    out = tmp_path / "named"
+    manifest = run_convert(named_adapter_run, out)
+    assert manifest["adapter"]["name"] == "pano"
+    assert manifest["adapter"]["sources_compared"]["equal"] is True
+    assert manifest["wrappers"] == {"prefix": "net.", "wrappers": [], "attribute": "net"}
+    pixel_values, input_ids = probe(named_adapter_run)
+    torch.testing.assert_close(
+        export_logits(out, pixel_values, input_ids),
+        trained_logits(named_adapter_run, pixel_values, input_ids),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_dora_rslora_and_rank_patterns_follow_peft(dora_run, tmp_path):
+    out = tmp_path / "dora"
+    manifest = run_convert(dora_run, out)
+    assert manifest["adapter"]["use_dora"] and manifest["adapter"]["use_rslora"]
+    pixel_values, input_ids = probe(dora_run)
+    torch.testing.assert_close(
+        export_logits(out, pixel_values, input_ids),
+        trained_logits(dora_run, pixel_values, input_ids),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_wrapper_prefixes_are_stripped(pano_run, pano_export, tmp_path):
+    """Fabric, DDP and torch.compile prefixes around the same weights give the same export."""
+    ckpt = torch.load(pano_run / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt["state_dict"] = {
+        "_forward_module.module.model._orig_mod." + k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()
+    }
+    run = tmp_path / "wrapped"
+    shutil.copytree(pano_run, run)
+    torch.save(ckpt, run / "checkpoints" / "last.ckpt")
+    manifest = run_convert(run, tmp_path / "out")
+    assert manifest["wrappers"]["wrappers"] == ["_forward_module", "module", "_orig_mod"]
+    assert manifest["wrappers"]["attribute"] == "model"
+    reference, _ = pano_export
+    for name in ("language_model", "vision_encoder", "resampler", "projector"):
+        a = load_file(tmp_path / "out" / name / "model.safetensors")
+        b = load_file(reference / name / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bfloat16_export(pano_run, tmp_path):
+    out = tmp_path / "bf16"
+    manifest = run_convert(pano_run, out, dtype="bfloat16")
+    written = load_file(out / "language_model" / "model.safetensors")
+    assert {t.dtype for t in written.values()} == {torch.bfloat16}
+    assert json.loads((out / "language_model" / "config.json").read_text())["dtype"] == "bfloat16"
+    check = manifest["verification"]["language_model"]
+    assert 0 < check["max_abs_logit_diff"] <= check["tolerance"]
+    assert check["exact_tensors"] == 11
+
+
+def test_causal_lm_config_keeps_an_untrained_tie(causal_lm_run, tmp_path):
+    out = tmp_path / "causal"
+    manifest = run_convert(causal_lm_run, out, config="causal_lm")
+    assert (out / "config.json").is_file() and (out / "manifest.json").is_file()
+    written = set(load_file(out / "model.safetensors"))
+    assert "lm_head.weight" not in written
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    assert manifest["keys"]["language_model"]["lm_head tied to the input embeddings (identical values)"] == 1
+    model, info = load_report(out)
+    assert info == CLEAN
+    from converter.example import load_trained_module
+
+    module = load_trained_module(causal_lm_run)
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, module.model(input_ids=ids).logits)
+
+
+def test_lora_config_from_hyper_parameters_without_adapter_folder(pano_run, pano_export, tmp_path):
+    run = tmp_path / "no-adapter"
+    shutil.copytree(pano_run, run, ignore=shutil.ignore_patterns("lora_weights"))
+    manifest = run_convert(run, tmp_path / "out")
+    assert manifest["adapter"]["config_from"] == "hyper_parameters"
+    assert manifest["source"]["adapter_folder"] is None
+    a = load_file(tmp_path / "out" / "language_model" / "model.safetensors")
+    b = load_file(pano_export[0] / "language_model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_newest_checkpoint_by_global_step(stale_adapter_run, tmp_path):
+    run = tmp_path / "no-last"
+    shutil.copytree(stale_adapter_run, run)
+    (run / "checkpoints" / "last.ckpt").unlink()
+    step1 = torch.load(run / "checkpoints" / "epoch=0-step=3.ckpt", weights_only=True)
+    step1["global_step"] = 1
+    torch.save(step1, run / "checkpoints" / "epoch=0-step=1.ckpt")
+    manifest = run_convert(run, tmp_path / "out", dry_run=True, lora_from="checkpoint")
+    assert manifest["source"]["checkpoint"]["path"] == "checkpoints/epoch=0-step=3.ckpt"
+    assert manifest["source"]["checkpoint"]["chosen_because"] == "newest by global_step (3) of 2"
+
+
+def test_sharded_export_loads_clean(pano_run, tmp_path):
+    out = tmp_path / "sharded"
+    run_convert(pano_run, out, max_shard_size="40KB")
+    index = json.loads((out / "language_model" / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in (out / "language_model").glob("model-*.safetensors"))
+    assert len(shards) > 1 and sorted(set(index["weight_map"].values())) == shards
+    assert load_report(out / "language_model")[1] == CLEAN
