@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -92,6 +93,9 @@ def write_hf_weights(folder: Path, tensors: Mapping[str, torch.Tensor], max_shar
     """model.safetensors, or shards plus model.safetensors.index.json, via huggingface_hub's serializer."""
     from huggingface_hub import save_torch_state_dict
 
+    # huggingface_hub logs "Model weights successfully saved to <staging folder>" under a logger named after its
+    # file; the staging path would only confuse, the CLI reports the final folder.
+    logging.getLogger(sys.modules[save_torch_state_dict.__module__].__file__).setLevel(logging.WARNING)
     folder.mkdir(parents=True, exist_ok=True)
     save_torch_state_dict(dict(tensors), folder, max_shard_size=max_shard_size, metadata=dict(SAFETENSORS_METADATA))
 

@@ -264,3 +264,25 @@ def test_sharded_export_loads_clean(pano_run, tmp_path):
     shards = sorted(p.name for p in (out / "language_model").glob("model-*.safetensors"))
     assert len(shards) > 1 and sorted(set(index["weight_map"].values())) == shards
     assert load_report(out / "language_model")[1] == CLEAN
+
+
+def test_hub_id_resolved_from_the_local_cache(pano_run, tmp_path, monkeypatch):
+    """A hub id in hyper_parameters is looked up in the Hugging Face cache, offline."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    hparams = torch.load(pano_run / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)["hyper_parameters"]
+    repo = cache / "models--someorg--tiny-qwen3"
+    shutil.copytree(hparams["language_model_name"], repo / "snapshots" / ("a" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    run = tmp_path / "run"
+    shutil.copytree(pano_run, run)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt["hyper_parameters"]["language_model_name"] = "someorg/tiny-qwen3"
+    torch.save(ckpt, run / "checkpoints" / "last.ckpt")
+    manifest = run_convert(run, tmp_path / "out")
+    lm = manifest["components"]["language_model"]
+    assert lm["base_config_from"] == "hyper_parameters.language_model_name (Hugging Face cache)"
+    assert "base_model: someorg/tiny-qwen3" in (tmp_path / "out" / "README.md").read_text()

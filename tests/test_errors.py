@@ -165,3 +165,10 @@ def test_json_summary_and_no_traceback_in_a_real_process(pano_run, tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("ckpt2hf: error: ")
     assert "Traceback" not in bad.stderr
+
+
+def test_cuda_requested_without_a_gpu(pano_run, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    line = _one_line_error(capsys, "convert", pano_run, "--out", tmp_path / "out", "--device", "cuda")
+    assert line == "ckpt2hf: error: --device cuda: no CUDA device is available here; use --device cpu or auto"
