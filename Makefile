@@ -10,7 +10,7 @@ ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv convert test lint format clean
+.PHONY: venv convert inspect test lint format clean
 
 venv: $(VENV)/.installed
 
@@ -28,6 +28,11 @@ ifeq ($(strip $(RUN)),)
 else
 	$(PY) -m converter convert "$(RUN)" --out "$(if $(OUT),$(OUT),$(RUN)/export)" $(ARGS)
 endif
+
+# make inspect RUN=runs/<name> [ARGS=--json]; without RUN: the built-in example run.
+inspect: venv
+	@run="$(RUN)"; [ -n "$$run" ] || run=$$($(PY) -m converter.example $(EXAMPLE_ROOT)); \
+	$(PY) -m converter inspect "$$run" $(ARGS)
 
 test: venv lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)

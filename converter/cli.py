@@ -58,7 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--no-verify", dest="verify", action="store_false", help="skip reloading and logit checks")
     conv.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     conv.add_argument("--force", action="store_true", help="replace an existing OUT (kept until the new one is done)")
-    for p in (conv,):
+    insp = sub.add_parser("inspect", help="explain a run or checkpoint: keys, PEFT layout, what a plain load reports")
+    insp.add_argument("run", type=Path, help="run folder or checkpoint file")
+    insp.add_argument("--config", default="panorama_vlm", help="layout config: a name in configs/ or a YAML path")
+    insp.add_argument(
+        "--base",
+        type=_base_arg,
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="folder with config.json for a component (for the plan)",
+    )
+
+    for p in (conv, insp):
         p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
         p.add_argument("--quiet", action="store_true", help="no progress bars, warnings and errors only")
         p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -108,7 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.quiet, args.debug)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # configs come from local folders or the local cache only
     try:
-        if args.command == "convert":
+        if args.command == "inspect":
+            from .inspection import inspect_run, render
+
+            logging.getLogger("converter").setLevel(logging.DEBUG if args.debug else logging.ERROR)
+            report = inspect_run(args.run, config=args.config, bases=dict(args.base))
+            print(json.dumps(report, indent=2) if args.json else render(report))
+        elif args.command == "convert":
             from .convert import ConvertOptions, convert
 
             opts = ConvertOptions(

@@ -17,11 +17,11 @@ from typing import Any
 import torch
 
 from .components import PART_KINDS, Context, Part
-from .config import load_config
-from .discover import find_inputs
+from .config import LayoutConfig, load_config
+from .discover import RunInputs, find_inputs
 from .errors import ConvertError
-from .keymap import split_components
-from .reader import read_checkpoint
+from .keymap import Split, split_components
+from .reader import Checkpoint, read_checkpoint
 from .writer import file_records, sha256_file, staged_output
 
 log = logging.getLogger(__name__)
@@ -73,18 +73,27 @@ def versions() -> dict[str, str]:
     return found
 
 
-def convert(opts: ConvertOptions) -> dict[str, Any]:
-    """Convert ``opts.run`` into ``opts.out`` (default RUN/export) and return the manifest.
+@dataclasses.dataclass
+class Prepared:
+    """A conversion planned but not run: inputs read, keys split, every part prepared."""
 
-    With ``dry_run`` nothing is written and the returned dict holds the plan. Bad input raises ConvertError;
-    on any failure nothing is left at ``out`` (or the previous export stays, with ``force``).
-    """
+    inputs: RunInputs
+    checkpoint: Checkpoint
+    config: LayoutConfig
+    split: Split
+    parts: list[Part]
+    summary: dict[str, Any]
+
+
+def prepare(opts: ConvertOptions) -> Prepared:
+    """Find and read the inputs, split the keys and prepare every part; nothing is merged or written."""
     inputs = find_inputs(opts.run, opts.ckpt, opts.adapter_dir)
     log.info("checkpoint: %s (%s)", inputs.checkpoint, inputs.reason)
     log.info("adapter folder: %s", inputs.adapter_root or "none")
     checkpoint = read_checkpoint(inputs.checkpoint)
     config = load_config(opts.config)
     split = split_components(checkpoint.tensors.keys(), config)
+    split.raise_for_unclaimed(config)
     log.info(
         "outer prefix %r (wrappers: %s; attribute: %s)",
         split.outer.prefix,
@@ -114,7 +123,6 @@ def convert(opts: ConvertOptions) -> dict[str, Any]:
             continue
         parts.append(PART_KINDS[comp.kind](comp, keys, checkpoint.tensors, ctx))
 
-    out = Path(opts.out) if opts.out else inputs.run / "export"
     source = {
         "run": str(inputs.run.resolve()),
         "checkpoint": {
@@ -139,6 +147,19 @@ def convert(opts: ConvertOptions) -> dict[str, Any]:
         },
         "plan": [p.plan() for p in parts],
     }
+    return Prepared(inputs, checkpoint, config, split, parts, summary)
+
+
+def convert(opts: ConvertOptions) -> dict[str, Any]:
+    """Convert ``opts.run`` into ``opts.out`` (default RUN/export) and return the manifest.
+
+    With ``dry_run`` nothing is written and the returned dict holds the plan. Bad input raises ConvertError;
+    on any failure nothing is left at ``out`` (or the previous export stays, with ``force``).
+    """
+    prepared = prepare(opts)
+    inputs, split, parts, summary = prepared.inputs, prepared.split, prepared.parts, prepared.summary
+    source = summary["source"]
+    out = Path(opts.out) if opts.out else inputs.run / "export"
     if opts.dry_run:
         summary["dry_run"] = True
         summary["out"] = str(out)

@@ -39,6 +39,18 @@ class Split:
     outer: OuterPrefix
     keys: dict[str, dict[str, str]]
     dropped: dict[str, list[str]]  # reason -> source keys dropped by a config rule
+    unclaimed: list[str]  # keys no component or drop rule claims
+
+    def raise_for_unclaimed(self, config: LayoutConfig) -> None:
+        """Every key must be accounted for: list the leftovers and say which file to edit."""
+        if not self.unclaimed:
+            return
+        prefixes = ", ".join(repr(c.prefix) for c in config.components)
+        raise ConvertError(
+            f"{len(self.unclaimed)} checkpoint keys belong to no component of {config.path.name}: "
+            f"{preview(sorted(self.unclaimed), 3)}; add a component or a drop rule to {config.path} "
+            f"(outer prefix {self.outer.prefix!r}, component prefixes {prefixes})"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +132,7 @@ def detect_outer_prefix(keys: list[str], config: LayoutConfig) -> OuterPrefix:
 
 
 def split_components(keys: Iterable[str], config: LayoutConfig) -> Split:
-    """Assign every source key to a component or a drop rule; any key left over is a ConvertError."""
+    """Assign every source key to a component or a drop rule; the rest are listed in ``unclaimed``."""
     keys = list(keys)
     outer = detect_outer_prefix(keys, config)
     by_comp: dict[str, dict[str, str]] = {c.name: {} for c in config.components}
@@ -140,14 +152,7 @@ def split_components(keys: Iterable[str], config: LayoutConfig) -> Split:
             unclaimed.append(key)
             continue
         by_comp[comp.name][rest[len(comp.prefix) :]] = key
-    if unclaimed:
-        prefixes = ", ".join(repr(c.prefix) for c in config.components)
-        raise ConvertError(
-            f"{len(unclaimed)} checkpoint keys belong to no component of {config.path.name}: "
-            f"{preview(sorted(unclaimed), 3)}; add a component or a drop rule to {config.path} "
-            f"(outer prefix {outer.prefix!r}, component prefixes {prefixes})"
-        )
-    return Split(outer, by_comp, dict(dropped))
+    return Split(outer, by_comp, dict(dropped), unclaimed)
 
 
 def is_peft_wrapped(keys: Iterable[str]) -> bool:

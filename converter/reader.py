@@ -36,6 +36,26 @@ class Checkpoint:
     epoch: int | None = None
     global_step: int | None = None
     lightning_version: str | None = None
+    extras: dict[str, int] = dataclasses.field(default_factory=dict)  # other top-level entry -> tensor bytes
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensor storages inside ``obj`` (nested containers), each storage counted once; reads no data."""
+    seen: set[int] = set()
+    total = 0
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            storage = item.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return total
 
 
 @dataclasses.dataclass
@@ -88,6 +108,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
             epoch=obj.get("epoch"),
             global_step=obj.get("global_step"),
             lightning_version=obj.get("pytorch-lightning_version"),
+            extras={str(k): tensor_bytes(v) for k, v in obj.items() if k != "state_dict"},
         )
     elif isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         ckpt = Checkpoint(path, "state_dict", obj, {})
