@@ -8,10 +8,11 @@ import shutil
 
 import pytest
 import torch
-from helpers import export_logits, load_report, probe, run_convert, trained_logits
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from helpers import export_logits, load_report, probe, run_convert, trained_logits
 
 CLEAN = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
 

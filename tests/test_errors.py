@@ -7,8 +7,9 @@ import shutil
 
 import pytest
 import torch
-from helpers import cli, cli_subprocess, run_convert, tree_digest
 from safetensors.torch import load_file
+
+from helpers import cli, cli_subprocess, run_convert, tree_digest
 
 
 def test_stale_adapter_folder_is_refused_with_numbers_and_a_choice(stale_adapter_run, tmp_path, capsys):

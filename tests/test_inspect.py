@@ -10,6 +10,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 from converter.example import Resampler, make_projector
 from converter.inspection import inspect_run, render
+
 from helpers import cli
 
 
