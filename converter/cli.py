@@ -70,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder with config.json for a component (for the plan)",
     )
 
-    for p in (conv, insp):
+    ver = sub.add_parser("verify", help="check an export against its manifest (sha256, shards, metadata)")
+    ver.add_argument("out", type=Path, help="export folder (holding manifest.json)")
+
+    for p in (conv, insp, ver):
         p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
         p.add_argument("--quiet", action="store_true", help="no progress bars, warnings and errors only")
         p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -120,7 +123,18 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.quiet, args.debug)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # configs come from local folders or the local cache only
     try:
-        if args.command == "inspect":
+        if args.command == "verify":
+            from .integrity import verify_export
+
+            problems, checked = verify_export(args.out)
+            if args.json:
+                print(json.dumps({"out": str(args.out), "files": checked, "problems": problems}, indent=2))
+            else:
+                print("\n".join(problems) if problems else f"{args.out}: {checked} files match manifest.json")
+            if problems:
+                print(f"ckpt2hf: error: {args.out}: {len(problems)} differences from manifest.json", file=sys.stderr)
+                return 1
+        elif args.command == "inspect":
             from .inspection import inspect_run, render
 
             logging.getLogger("converter").setLevel(logging.DEBUG if args.debug else logging.ERROR)

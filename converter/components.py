@@ -119,7 +119,10 @@ class StateDictPart(Part):
 
     def write(self, folder: Path, reference: bool) -> None:
         dtype = self.out_dtype()
-        tensors = {k: _cast(t, dtype) if dtype else t for k, t in self.planned().items()}
+        tensors = {
+            k: check_finite(k, t, _cast(t, dtype) if dtype else t, self.ctx.checkpoint_path)
+            for k, t in self.planned().items()
+        }
         write_module_file(folder / "model.safetensors", tensors)
 
     def verify(self, folder: Path) -> None:
@@ -202,6 +205,7 @@ class HFPart(Part):
             self.plain = {rel: rel for rel in keys}
         self._fit_vocab()
         self.tie = self._decide_tie()
+        self._check_fit()
 
     # --- preparation -------------------------------------------------------------------------------------
     def _prepare_peft(self) -> None:
@@ -217,6 +221,12 @@ class HFPart(Part):
         if self.adapter is not None:
             cmp = compare_sources(rel_tensors, self.adapter, layout.adapter_name)
             compared = cmp.as_dict()
+            if cmp.reshaped and self.ctx.lora_from != "checkpoint":
+                raise ConvertError(
+                    f"{self.adapter.weights_path} does not fit the model in {self.ctx.checkpoint_path}: "
+                    f"{len(cmp.reshaped)} tensors have other shapes ({preview(cmp.reshaped, 2)}); the adapter was "
+                    "trained for another base model; use --lora-from checkpoint or the run's own adapter folder"
+                )
             if not cmp.equal and self.ctx.lora_from == "auto":
                 what = []
                 if cmp.differing:
@@ -294,6 +304,33 @@ class HFPart(Part):
                 )
                 text_config.vocab_size = rows
                 self.info["vocab_size_changed"] = rows
+
+    def _check_fit(self) -> None:
+        """The tensors to write must be exactly those of the model the config builds, with the same shapes."""
+        expected = {k: tuple(t.shape) for k, t in self._meta_model().state_dict().items()}
+        planned = self.planned()
+        missing = sorted(set(expected) - set(planned) - ({self.head_key} if self.tie else set()))
+        unexpected = sorted(set(planned) - set(expected))
+        wrong = [
+            f"{k} {tuple(planned[k].shape)} vs {expected[k]}"
+            for k in sorted(set(planned) & set(expected))
+            if tuple(planned[k].shape) != expected[k]
+        ]
+        if not (missing or unexpected or wrong):
+            return
+        problems = []
+        if wrong:
+            problems.append(f"{len(wrong)} tensors have other shapes than the config gives ({preview(wrong, 2)})")
+        if missing:
+            problems.append(f"{len(missing)} tensors of the model are not in the checkpoint ({preview(missing, 3)})")
+        if unexpected:
+            problems.append(
+                f"{len(unexpected)} checkpoint tensors have no place in the model ({preview(unexpected, 3)})"
+            )
+        raise ConvertError(
+            f"{self.ctx.checkpoint_path} ({self.comp.name}) does not fit {self.base_dir / 'config.json'}: "
+            f"{'; '.join(problems)}; pass --base {self.comp.name}=PATH with the config the model was trained with"
+        )
 
     def _tied_config(self) -> bool:
         return bool(getattr(self.hf_config.get_text_config(decoder=True), "tie_word_embeddings", False))
@@ -381,10 +418,10 @@ class HFPart(Part):
                 self.fate.setdefault(TIED, []).append(self.head_key)
                 self.fate[WRITTEN] = [k for k in self.fate.get(WRITTEN, []) if self.plain.get(self.head_key) != k]
         dtype = self.out_dtype()
-        out = {
-            k: (_cast(t, dtype) if dtype else t).to("cpu").contiguous()
-            for k, t in _progress(state, "casting " + self.comp.name, self.ctx.progress).items()
-        }
+        out = {}
+        for k, t in _progress(state, "casting " + self.comp.name, self.ctx.progress).items():
+            out[k] = check_finite(k, t, _cast(t, dtype) if dtype else t, self.ctx.checkpoint_path).to("cpu")
+            out[k] = out[k].contiguous()
         self.written_keys = sorted(out)
         write_hf_weights(folder, out, self.ctx.max_shard_size)
         del out, state
@@ -433,6 +470,23 @@ class HFPart(Part):
 
 class CausalLMPart(HFPart):
     auto_class = "AutoModelForCausalLM"
+
+
+def check_finite(key: str, before: torch.Tensor, after: torch.Tensor, source: Path) -> torch.Tensor:
+    """A written tensor must be finite: name NaN/Inf from the checkpoint or merge, and overflow from the cast."""
+    if not after.is_floating_point() or bool(torch.isfinite(after).all()):
+        return after
+    if bool(torch.isfinite(before).all()):
+        peak = float(before.abs().max())
+        raise ConvertError(
+            f"{source}: {key} overflows {str(after.dtype).removeprefix('torch.')} (max abs {peak:.4g}); "
+            "use --dtype bfloat16 or float32"
+        )
+    bad = int((~torch.isfinite(before)).sum())
+    raise ConvertError(
+        f"{source}: {key} holds {bad} NaN/Inf values after the merge; the trained weights are broken "
+        "(check the checkpoint's LoRA tensors for this module)"
+    )
 
 
 def _progress(mapping: dict[str, Any], desc: str, enabled: bool) -> dict[str, Any]:

@@ -49,6 +49,7 @@ class ConvertOptions:
     force: bool = False
     max_shard_size: str = "5GB"
     progress: bool = True
+    verify_crc: bool = True  # check the zip's CRC-32 of the weight records (one read of the weights)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -90,7 +91,7 @@ def prepare(opts: ConvertOptions) -> Prepared:
     inputs = find_inputs(opts.run, opts.ckpt, opts.adapter_dir)
     log.info("checkpoint: %s (%s)", inputs.checkpoint, inputs.reason)
     log.info("adapter folder: %s", inputs.adapter_root or "none")
-    checkpoint = read_checkpoint(inputs.checkpoint)
+    checkpoint = read_checkpoint(inputs.checkpoint, verify_crc=opts.verify_crc)
     config = load_config(opts.config)
     split = split_components(checkpoint.tensors.keys(), config)
     split.raise_for_unclaimed(config)

@@ -165,7 +165,7 @@ def is_peft_wrapped(keys: Iterable[str]) -> bool:
 def detect_peft_layout(keys: Iterable[str], where: str) -> PeftLayout:
     """Read adapter name(s), adapted modules and modules_to_save from a PEFT sub-model's keys."""
     names: set[str] = set()
-    lora, saved = set(), set()
+    lora, lora_b, saved = set(), set(), set()
     dora = False
     base_layers = 0
     for key in keys:
@@ -177,6 +177,8 @@ def detect_peft_layout(keys: Iterable[str], where: str) -> PeftLayout:
         for i, seg in enumerate(parts):
             if seg in ("lora_A", "lora_embedding_A"):
                 lora.add(".".join(parts[:i]))
+            elif seg in ("lora_B", "lora_embedding_B"):
+                lora_b.add(".".join(parts[:i]))
             elif seg == "modules_to_save":
                 saved.add(".".join(parts[:i]))
             elif seg == "lora_magnitude_vector":
@@ -190,6 +192,13 @@ def detect_peft_layout(keys: Iterable[str], where: str) -> PeftLayout:
         )
     if not names:
         raise ConvertError(f"{where}: PEFT-wrapped keys without any LoRA adapter tensors; nothing to merge")
+    unpaired = sorted(lora ^ lora_b)
+    if unpaired:
+        which = [f"{m} ({'lora_A without lora_B' if m in lora else 'lora_B without lora_A'})" for m in unpaired]
+        raise ConvertError(
+            f"{where}: {len(unpaired)} LoRA modules are incomplete: {preview(which, 2)}; "
+            "the checkpoint is damaged or was edited; re-save it from the training run"
+        )
     return PeftLayout(names.pop(), tuple(sorted(lora)), tuple(sorted(saved)), dora, base_layers)
 
 

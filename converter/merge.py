@@ -92,6 +92,7 @@ class SourceComparison:
     differing: list[str]
     only_checkpoint: list[str]
     only_adapter: list[str]
+    reshaped: list[str]  # "key (checkpoint shape) vs (adapter shape)" where the shapes differ
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -101,6 +102,7 @@ class SourceComparison:
             "differing_tensors": len(self.differing),
             "only_in_checkpoint": len(self.only_checkpoint),
             "only_in_adapter": len(self.only_adapter),
+            "other_shapes": len(self.reshaped),
         }
 
 
@@ -124,8 +126,12 @@ def compare_sources(
         if akey is not None:
             ours[akey] = tensor
     theirs = adapter.tensors
-    differing, max_diff = [], 0.0
+    differing, max_diff, reshaped = [], 0.0, []
     for key in sorted(ours.keys() & theirs.keys()):
+        if ours[key].shape != theirs[key].shape:
+            reshaped.append(f"{key} {tuple(ours[key].shape)} vs {tuple(theirs[key].shape)}")
+            differing.append(key)
+            continue
         equal, diff = _same(ours[key], theirs[key])
         if not equal:
             differing.append(key)
@@ -133,7 +139,7 @@ def compare_sources(
     only_ckpt = sorted(ours.keys() - theirs.keys())
     only_adapter = sorted(theirs.keys() - ours.keys())
     equal = not differing and not only_ckpt and not only_adapter
-    return SourceComparison(equal, len(theirs), max_diff, differing, only_ckpt, only_adapter)
+    return SourceComparison(equal, len(theirs), max_diff, differing, only_ckpt, only_adapter, reshaped)
 
 
 def adapter_tensors_as_checkpoint(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pickle
 import zipfile
 from collections.abc import Mapping
@@ -19,7 +20,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from . import unpickle
 from .errors import ConvertError
+
+log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -69,13 +73,41 @@ class AdapterFolder:
 
 
 def _torch_load(path: Path) -> Any:
-    """torch.load restricted to tensors and plain containers; unknown globals are a ConvertError."""
+    """The object a torch file holds, read without executing its code (see ``_read_torch``)."""
+    return _read_torch(path)[0]
+
+
+def _read_torch(path: Path) -> tuple[Any, unpickle.Loaded | None]:
+    """Read a torch file without executing its code (see ``unpickle``); tensors stay memory-mapped.
+
+    The zip format (every torch.save since 1.6) goes through ckpt2hf's restricted unpickler; the legacy format
+    through ``torch.load(weights_only=True)``.
+    """
+    if not path.is_file():
+        raise ConvertError(f"{path}: no such file")
+    if zipfile.is_zipfile(path):
+        loaded = unpickle.load(path)
+        if loaded.placeholders:
+            shown = ", ".join(f"{g} at {w}" for w, g in loaded.placeholders[:3])
+            more = f" and {len(loaded.placeholders) - 3} more" if len(loaded.placeholders) > 3 else ""
+            log.warning(
+                "%s: objects of unknown classes were read as inert placeholders (never constructed): %s%s",
+                path,
+                shown,
+                more,
+            )
+        return loaded.obj, loaded
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True), None
     except pickle.UnpicklingError as exc:
         # torch's message suggests weights_only=False; that would execute the file's code, so it is not repeated.
         first = str(exc).split("Weights only load failed")[-1].strip().splitlines()
-        detail = next((line.strip() for line in first if "GLOBAL" in line or "Unsupported" in line), "unsafe content")
+        detail = next((line.strip() for line in first if "GLOBAL" in line), None)
+        if detail is None:
+            raise ConvertError(
+                f"{path}: not a readable PyTorch checkpoint (legacy format, {first[0][:80]}); "
+                "the file may be truncated or corrupt"
+            ) from exc
         raise ConvertError(
             f"{path}: refused to unpickle ({detail}); the file holds objects other than tensors and plain data, "
             "and ckpt2hf never executes a checkpoint's code"
@@ -89,17 +121,23 @@ def _torch_load(path: Path) -> Any:
         ) from exc
 
 
-def read_checkpoint(path: Path) -> Checkpoint:
-    """Open a Lightning checkpoint, a plain torch state_dict or a safetensors file, lazily."""
+def read_checkpoint(path: Path, verify_crc: bool = True) -> Checkpoint:
+    """Open a Lightning checkpoint, a plain torch state_dict or a safetensors file, lazily.
+
+    ``verify_crc`` checks the zip's CRC-32 of every record behind the state_dict's tensors (one read of the
+    weights, not of the optimizer states).
+    """
     path = Path(path)
     if not path.is_file():
         raise ConvertError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
         return Checkpoint(path, "safetensors", _load_safetensors(path), {})
-    obj = _torch_load(path)
+    obj, loaded = _read_torch(path)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         tensors = obj["state_dict"]
         hparams = obj.get("hyper_parameters") or {}
+        if isinstance(hparams, unpickle.Placeholder):  # e.g. an AttributeDict or Namespace of an unknown class
+            hparams = hparams.mapping() or {}
         ckpt = Checkpoint(
             path,
             "lightning",
@@ -117,6 +155,8 @@ def read_checkpoint(path: Path) -> Checkpoint:
     bad = [k for k, v in ckpt.tensors.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise ConvertError(f"{path}: state_dict entry {bad[0]!r} is not a tensor")
+    if verify_crc and loaded is not None:
+        unpickle.crc_check(path, loaded, ckpt.tensors)
     return ckpt
 
 

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from .errors import ConvertError
@@ -51,15 +52,22 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConvertError(f"{parent}: cannot create the output's parent folder ({exc.strerror})") from exc
-    tag = uuid.uuid4().hex[:8]
+    _remove_stale_stages(parent, out.name)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     stage = parent / f".{out.name}.ckpt2hf-tmp-{tag}"
     try:
         stage.mkdir()
     except OSError as exc:
         raise ConvertError(f"{parent}: cannot write here ({exc.strerror}); choose another --out") from exc
     try:
-        yield stage
-        _fsync_tree(stage)
+        try:
+            yield stage
+            _fsync_tree(stage)
+        except (OSError, SafetensorError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0][:160]
+            raise ConvertError(
+                f"{out}: writing the export failed ({reason}); nothing was written; free space or choose another --out"
+            ) from exc
         if out.exists():
             old = parent / f".{out.name}.ckpt2hf-old-{tag}"
             out.rename(old)
@@ -71,6 +79,27 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+def _remove_stale_stages(parent: Path, name: str) -> None:
+    """Clean up after a convert that was killed (its process no longer exists): remove its staging folder, and
+    put back a previous export it had moved aside but not yet replaced."""
+    for stale in sorted(parent.glob(f".{name}.ckpt2hf-*-*-*")):
+        try:
+            pid = int(stale.name.rsplit("-", 2)[-2])
+            os.kill(pid, 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except (ValueError, OSError):
+            continue
+        out = parent / name
+        if ".ckpt2hf-old-" in stale.name and not out.exists():
+            log.warning("restoring %s from %s, moved aside by an interrupted convert", out, stale)
+            stale.rename(out)
+        else:
+            log.warning("removing %s, left by an interrupted convert (process %d)", stale, pid)
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:
