@@ -17,11 +17,13 @@ How it works (after torch's ``weights_only`` unpickler and mergekit's lazy unpic
 
 from __future__ import annotations
 
+import _compat_pickle
 import builtins
 import dataclasses
 import io
 import mmap
 import pickle
+import pickletools
 import struct
 import sys
 import zipfile
@@ -158,6 +160,12 @@ class Placeholder:
     def __setstate__(self, state: Any) -> None:
         self.__dict__["state"] = state
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Placeholder:
+        """A gadget chain calls what a call returned: record that too, as a call of the same global."""
+        result = type(self).__new__(type(self), self, *args, **kwargs)
+        result.__dict__["called"] = True
+        return result
+
     def append(self, item: Any) -> None:
         self.__dict__["items"].append(item)
 
@@ -217,6 +225,11 @@ class _Unpickler(pickle.Unpickler):
         self._load_storage = load_storage
 
     def find_class(self, module: str, name: str) -> Any:
+        # Python 2 names (protocol 2 pickles write them, e.g. __builtin__.eval): map them as pickle itself would.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
         found = self._allowed.get(f"{module}.{name}")
         return found if found is not None else _placeholder_class(module, name)
 
@@ -276,6 +289,23 @@ def _verdict(where: str, item: Any) -> str | None:
     if called and qualified not in BENIGN_CONSTRUCTORS and not name[:1].isupper():
         return f"calls {qualified}, a function outside the allowlist of tensor-rebuilding functions"
     return None
+
+
+def _dangerous_globals(data: bytes) -> list[str]:
+    """The dangerous globals a pickle names, read from its opcodes (for pickles too malformed to unpickle)."""
+    found, strings = [], []
+    try:
+        for opcode, arg, _ in pickletools.genops(data):
+            if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"):
+                strings.append(arg)
+            elif opcode.name == "GLOBAL":
+                module, name = arg.split(" ", 1)
+                found.append(f"{module}.{name}")
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+    except Exception:  # noqa: BLE001 - a damaged stream: report what was read before the damage
+        pass
+    return [g for g in found if g.split(".", 1)[0] in DANGEROUS_MODULES]
 
 
 def _data_offset(fh: Any, info: zipfile.ZipInfo) -> int:
@@ -350,6 +380,12 @@ def load(path: Path) -> Loaded:
             except ConvertError:
                 raise
             except Exception as exc:  # a malformed pickle can raise anything; it is reported, never re-tried
+                hostile = _dangerous_globals(data)
+                if hostile:
+                    raise HostileCheckpoint(
+                        f"{path}: refused: the pickle refers to {hostile[0]}; nothing in it was executed; "
+                        "do not load this file with torch.load(weights_only=False)"
+                    ) from exc
                 raise ConvertError(
                     f"{path}: the checkpoint's pickle is malformed ({type(exc).__name__}: {str(exc)[:120]})"
                 ) from exc
