@@ -55,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", default="auto", help="output dtype: auto (base config's), float32, bfloat16, float16")
     conv.add_argument("--device", default="auto", help="where to merge: auto (GPU when present), cpu, cuda")
     conv.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    conv.add_argument(
+        "--engine",
+        choices=["auto", "full", "streaming"],
+        default="auto",
+        help="full: whole-model merge_and_unload; streaming: layer by layer in bounded memory; "
+        "auto: streaming when the full engine would need more than --max-memory",
+    )
+    conv.add_argument("--max-memory", help="memory the auto engine may plan for (default: half the RAM), e.g. 8GB")
     conv.add_argument("--no-verify", dest="verify", action="store_false", help="skip reloading and logit checks")
     conv.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     conv.add_argument("--force", action="store_true", help="replace an existing OUT (kept until the new one is done)")
@@ -158,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
                 force=args.force,
                 max_shard_size=args.max_shard_size,
                 progress=not args.quiet and not args.json,
+                engine=args.engine,
+                max_memory=args.max_memory,
             )
             result = convert(opts)
             if args.json:

@@ -20,9 +20,10 @@ from . import verify as checks
 from .config import Component
 from .errors import ConvertError, preview
 from .keymap import WRITTEN, PeftLayout, detect_peft_layout, is_peft_wrapped, plain_keys
+from .lazy import Span, SpanReader, chunked_equal
 from .merge import (
     AdapterFacts,
-    adapter_tensors_as_checkpoint,
+    adapter_keys_as_checkpoint,
     build_peft_model,
     compare_sources,
     load_exactly,
@@ -30,6 +31,7 @@ from .merge import (
     merge,
 )
 from .reader import AdapterFolder, find_adapter_folder, read_adapter_folder
+from .verify import check_finite
 from .writer import copy_support_files, write_hf_weights, write_module_file
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,8 @@ class Context:
     max_shard_size: str | int
     progress: bool
     run: Path
+    spans: dict[str, Span]  # checkpoint key -> where its bytes are
+    reader: SpanReader  # chunked reads with CRC-32 checks, shared by the whole conversion
 
 
 def parse_dtype(name: str) -> torch.dtype | None:
@@ -102,8 +106,9 @@ class Part:
             "bytes": size,
         }
 
-    def write(self, folder: Path, reference: bool) -> None:
-        """Write the part's files into ``folder``; ``reference``: record what ``verify`` compares against."""
+    def write(self, folder: Path, reference: bool, engine: str = "full") -> None:
+        """Write the part's files into ``folder`` with ``engine`` ("full" or "streaming"); ``reference``: record
+        what ``verify`` compares against."""
         raise NotImplementedError
 
     def verify(self, folder: Path) -> None:
@@ -117,7 +122,7 @@ class Part:
 class StateDictPart(Part):
     """A custom module (resampler, projector): its state_dict in one safetensors file, copied exactly."""
 
-    def write(self, folder: Path, reference: bool) -> None:
+    def write(self, folder: Path, reference: bool, engine: str = "full") -> None:
         dtype = self.out_dtype()
         tensors = {
             k: check_finite(k, t, _cast(t, dtype) if dtype else t, self.ctx.checkpoint_path)
@@ -193,7 +198,7 @@ class HFPart(Part):
         self.layout: PeftLayout | None = None
         self.adapter: AdapterFolder | None = None
         self.adapter_facts: AdapterFacts | None = None
-        self.replacements: dict[str, torch.Tensor] = {}
+        self.replaced: dict[str, str] = {}  # component key -> adapter folder key (--lora-from adapter)
         if is_peft_wrapped(keys):
             if self.auto_class != "AutoModelForCausalLM":
                 raise ConvertError(
@@ -219,7 +224,8 @@ class HFPart(Part):
         compared = None
         rel_tensors = {rel: self.source[src] for rel, src in self.keys.items()}
         if self.adapter is not None:
-            cmp = compare_sources(rel_tensors, self.adapter, layout.adapter_name)
+            rel_spans = {rel: self.ctx.spans[src] for rel, src in self.keys.items() if src in self.ctx.spans}
+            cmp = compare_sources(rel_tensors, self.adapter, layout.adapter_name, rel_spans, self.ctx.reader)
             compared = cmp.as_dict()
             if cmp.reshaped and self.ctx.lora_from != "checkpoint":
                 raise ConvertError(
@@ -244,7 +250,7 @@ class HFPart(Part):
                     "--lora-from checkpoint or --lora-from adapter"
                 )
             if self.ctx.lora_from == "adapter":
-                self.replacements = adapter_tensors_as_checkpoint(list(self.keys), self.adapter, layout.adapter_name)
+                self.replaced = adapter_keys_as_checkpoint(list(self.keys), self.adapter, layout.adapter_name)
                 tensors_from = "adapter"
             log.info(
                 "LoRA sources: checkpoint and %s %s",
@@ -286,7 +292,17 @@ class HFPart(Part):
 
     def _tensor(self, plain: str) -> torch.Tensor:
         rel = self.plain[plain]
-        return self.replacements[rel] if rel in self.replacements else self.source[self.keys[rel]]
+        return self.source_tensor(rel)
+
+    def source_tensor(self, rel: str) -> torch.Tensor:
+        """The tensor for a component key: the checkpoint's, or the adapter folder's with --lora-from adapter."""
+        return self.adapter.tensors[self.replaced[rel]] if rel in self.replaced else self.source[self.keys[rel]]
+
+    def source_span(self, rel: str) -> Span | None:
+        """Where a component key's bytes are on disk, if known (for reading in bounded chunks)."""
+        if rel in self.replaced:
+            return self.adapter.spans.get(self.replaced[rel])
+        return self.ctx.spans.get(self.keys[rel])
 
     def _fit_vocab(self) -> None:
         self.embed_key, self.head_key = self._embedding_keys()
@@ -345,7 +361,12 @@ class HFPart(Part):
         if self.head_key in lora_on or self.embed_key in lora_on:
             return True  # decided after the merge, see _settle_tie
         head, embed = self._tensor(self.head_key), self._tensor(self.embed_key)
-        if head.shape == embed.shape and torch.equal(head, embed):
+        spans = self.source_span(self.plain[self.head_key]), self.source_span(self.plain[self.embed_key])
+        if None not in spans:
+            same = chunked_equal(self.ctx.reader, *spans)[0]
+        else:
+            same = head.shape == embed.shape and torch.equal(head, embed)
+        if same:
             return True
         log.warning(
             "%s: the trained lm_head differs from embed_tokens; writing tie_word_embeddings false and keeping both",
@@ -376,7 +397,7 @@ class HFPart(Part):
         """Build the unmerged PEFT model in float32, record reference outputs, merge, return the plain tensors."""
         where = f"{self.ctx.checkpoint_path} ({self.comp.name})"
         model = build_peft_model(self.hf_config, self.lora_config, self.layout.adapter_name, self.ctx.device)
-        sources = {rel: self.replacements.get(rel, self.source[src]) for rel, src in self.keys.items()}
+        sources = {rel: self.source_tensor(rel) for rel in self.keys}
         load_exactly(
             model,
             _progress(sources, "reading " + self.comp.name, self.ctx.progress),
@@ -400,7 +421,21 @@ class HFPart(Part):
             )
         return state
 
-    def write(self, folder: Path, reference: bool) -> None:
+    def write(self, folder: Path, reference: bool, engine: str = "full") -> None:
+        self.engine = engine
+        if engine == "streaming":
+            from .stream import StreamingWriter
+
+            lora_on = {m + ".weight" for m in (self.layout.lora_modules if self.layout else ())}
+            if self.tie and {self.head_key, self.embed_key} & lora_on:
+                raise ConvertError(f"{self.comp.name}: LoRA on tied embeddings needs --engine full")
+            if self.tie and self.head_key in self.plain:
+                self._account_tie()
+            self._streamer = StreamingWriter(self, self.ctx.reader, verify=reference)
+            self._streamer.write(folder)
+            self.written_hashes = dict(self._streamer.sha)
+            self._write_config(folder)
+            return
         if self.layout is not None:
             state = self._merged_state_dict(reference)
         else:
@@ -415,8 +450,7 @@ class HFPart(Part):
                 )
             else:
                 state.pop(self.head_key)
-                self.fate.setdefault(TIED, []).append(self.head_key)
-                self.fate[WRITTEN] = [k for k in self.fate.get(WRITTEN, []) if self.plain.get(self.head_key) != k]
+                self._account_tie()
         dtype = self.out_dtype()
         out = {}
         for k, t in _progress(state, "casting " + self.comp.name, self.ctx.progress).items():
@@ -425,6 +459,15 @@ class HFPart(Part):
         self.written_keys = sorted(out)
         write_hf_weights(folder, out, self.ctx.max_shard_size)
         del out, state
+        self._write_config(folder)
+
+    def _account_tie(self) -> None:
+        head_source = self.plain[self.head_key]
+        self.fate.setdefault(TIED, []).append(head_source)
+        self.fate[WRITTEN] = [k for k in self.fate.get(WRITTEN, []) if k != head_source]
+
+    def _write_config(self, folder: Path) -> None:
+        dtype = self.out_dtype()
         config = self.hf_config
         if self._tied_config() and not self.tie:
             config.get_text_config(decoder=True).tie_word_embeddings = False
@@ -436,6 +479,9 @@ class HFPart(Part):
         self.info["tie_word_embeddings"] = self.tie if self._tied_config() else False
 
     def verify(self, folder: Path) -> None:
+        if getattr(self, "engine", "full") == "streaming":
+            self.verification = self._streamer.verify_written(folder)
+            return
         model = checks.load_clean(folder, self.auto_class, self.ctx.device)
         result: dict[str, Any] = {"loads_clean": True}
         written = checks.read_written(folder)
@@ -470,23 +516,6 @@ class HFPart(Part):
 
 class CausalLMPart(HFPart):
     auto_class = "AutoModelForCausalLM"
-
-
-def check_finite(key: str, before: torch.Tensor, after: torch.Tensor, source: Path) -> torch.Tensor:
-    """A written tensor must be finite: name NaN/Inf from the checkpoint or merge, and overflow from the cast."""
-    if not after.is_floating_point() or bool(torch.isfinite(after).all()):
-        return after
-    if bool(torch.isfinite(before).all()):
-        peak = float(before.abs().max())
-        raise ConvertError(
-            f"{source}: {key} overflows {str(after.dtype).removeprefix('torch.')} (max abs {peak:.4g}); "
-            "use --dtype bfloat16 or float32"
-        )
-    bad = int((~torch.isfinite(before)).sum())
-    raise ConvertError(
-        f"{source}: {key} holds {bad} NaN/Inf values after the merge; the trained weights are broken "
-        "(check the checkpoint's LoRA tensors for this module)"
-    )
 
 
 def _progress(mapping: dict[str, Any], desc: str, enabled: bool) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from .config import LayoutConfig, load_config
 from .discover import RunInputs, find_inputs
 from .errors import ConvertError
 from .keymap import Split, split_components
+from .lazy import SpanReader
 from .reader import Checkpoint, read_checkpoint
 from .writer import file_records, sha256_file, staged_output
 
@@ -49,7 +50,9 @@ class ConvertOptions:
     force: bool = False
     max_shard_size: str = "5GB"
     progress: bool = True
-    verify_crc: bool = True  # check the zip's CRC-32 of the weight records (one read of the weights)
+    verify_crc: bool = True  # check the zip's CRC-32 of the weight records the conversion reads
+    engine: str = "auto"  # auto | full | streaming
+    max_memory: str | int | None = None  # the auto engine streams when the full engine would need more
 
 
 def resolve_device(name: str) -> torch.device:
@@ -84,6 +87,7 @@ class Prepared:
     split: Split
     parts: list[Part]
     summary: dict[str, Any]
+    reader: SpanReader  # open file handles for chunked reads; close() when done
 
 
 def prepare(opts: ConvertOptions) -> Prepared:
@@ -91,7 +95,7 @@ def prepare(opts: ConvertOptions) -> Prepared:
     inputs = find_inputs(opts.run, opts.ckpt, opts.adapter_dir)
     log.info("checkpoint: %s (%s)", inputs.checkpoint, inputs.reason)
     log.info("adapter folder: %s", inputs.adapter_root or "none")
-    checkpoint = read_checkpoint(inputs.checkpoint, verify_crc=opts.verify_crc)
+    checkpoint = read_checkpoint(inputs.checkpoint, verify_crc=False)  # the engines check what they read
     config = load_config(opts.config)
     split = split_components(checkpoint.tensors.keys(), config)
     split.raise_for_unclaimed(config)
@@ -112,7 +116,17 @@ def prepare(opts: ConvertOptions) -> Prepared:
         max_shard_size=opts.max_shard_size,
         progress=opts.progress,
         run=inputs.run,
+        spans=checkpoint.spans,
+        reader=SpanReader(pin=opts.device != "cpu"),
     )
+    try:
+        return _prepare_parts(opts, inputs, checkpoint, config, split, ctx)
+    except BaseException:
+        ctx.reader.close()
+        raise
+
+
+def _prepare_parts(opts, inputs, checkpoint, config, split, ctx) -> Prepared:
     unknown = sorted(set(opts.bases) - {c.name for c in config.components})
     if unknown:
         raise ConvertError(f"--base {unknown[0]}=...: no component named {unknown[0]} in {config.path.name}")
@@ -148,7 +162,7 @@ def prepare(opts: ConvertOptions) -> Prepared:
         },
         "plan": [p.plan() for p in parts],
     }
-    return Prepared(inputs, checkpoint, config, split, parts, summary)
+    return Prepared(inputs, checkpoint, config, split, parts, summary, ctx.reader)
 
 
 def convert(opts: ConvertOptions) -> dict[str, Any]:
@@ -158,29 +172,91 @@ def convert(opts: ConvertOptions) -> dict[str, Any]:
     on any failure nothing is left at ``out`` (or the previous export stays, with ``force``).
     """
     prepared = prepare(opts)
+    with prepared.reader:
+        return _convert(opts, prepared)
+
+
+def choose_engine(opts: ConvertOptions, parts: list[Part]) -> str:
+    """``full`` unless the whole-model engine would need more than ``max_memory`` (default: half the RAM)."""
+    if opts.engine in ("full", "streaming"):
+        return opts.engine
+    if opts.engine != "auto":
+        raise ConvertError(f"--engine {opts.engine}: use auto, full or streaming")
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    try:
+        limit = parse_size_to_int(opts.max_memory) if opts.max_memory else _ram() // 2
+    except ValueError as exc:
+        raise ConvertError(f"--max-memory {opts.max_memory}: not a size; use e.g. 8GB") from exc
+    # The full engine holds the float32 model, the merged copy being cast and the output: about 3x float32.
+    need = 3 * max((sum(t.numel() for t in p.planned().values()) * 4 for p in parts), default=0)
+    return "streaming" if need > limit else "full"
+
+
+def _ram() -> int:
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _convert(opts: ConvertOptions, prepared: Prepared) -> dict[str, Any]:
     inputs, split, parts, summary = prepared.inputs, prepared.split, prepared.parts, prepared.summary
     source = summary["source"]
     out = Path(opts.out) if opts.out else inputs.run / "export"
+    engine = choose_engine(opts, parts)
+    summary["engine"] = engine
     if opts.dry_run:
         summary["dry_run"] = True
         summary["out"] = str(out)
         return summary
+    reader = prepared.reader
+    hasher = _BackgroundHash(inputs.checkpoint)
+    if opts.verify_crc and engine == "full":
+        for span in prepared.checkpoint.spans.values():
+            reader.check_record(span)
 
-    source["checkpoint"]["sha256"] = sha256_file(inputs.checkpoint)
     with staged_output(out, opts.force) as stage:
+        known: dict[str, str] = {}
         for part in parts:
             folder = stage / part.comp.out if part.comp.out else stage
-            log.info("writing %s", part.comp.name)
-            part.write(folder, reference=opts.verify)
+            log.info("writing %s (%s engine)", part.comp.name, engine)
+            part.write(folder, reference=opts.verify, engine=engine)
+            for name, digest in getattr(part, "written_hashes", {}).items():
+                known[f"{part.comp.out}/{name}" if part.comp.out else name] = digest
             if opts.verify:
                 log.info("verifying %s", part.comp.name)
                 part.verify(folder)
+        source["checkpoint"]["sha256"] = hasher.result()
         manifest = _manifest(summary, parts, split, opts)
         _write_model_card(stage, manifest, parts)
-        manifest["files"] = file_records(stage)
+        manifest["files"] = file_records(stage, known)
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     manifest["out"] = str(out)
     return manifest
+
+
+class _BackgroundHash:
+    """sha256 of the source checkpoint, computed in a thread while the conversion runs."""
+
+    def __init__(self, path: Path) -> None:
+        import threading
+
+        self._digest: str | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(path,), daemon=True)
+        self._thread.start()
+
+    def _run(self, path: Path) -> None:
+        try:
+            self._digest = sha256_file(path)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in result()
+            self._error = exc
+
+    def result(self) -> str:
+        self._thread.join()
+        if self._error is not None:
+            raise ConvertError(f"cannot read the checkpoint to hash it ({self._error})")
+        return self._digest
 
 
 def _relative(path: Path, root: Path) -> str:

@@ -109,6 +109,7 @@ def inspect_run(path: Path, config: str = "panorama_vlm", bases: dict[str, Path]
             device="cpu",
         )
         prepared = prepare(opts)
+        prepared.reader.close()
         plan = prepared.summary["plan"]
         warnings.extend(_part_warnings(prepared.parts))
     except ConvertError as exc:

@@ -15,6 +15,7 @@ from torch import nn
 
 from .errors import ConvertError, preview
 from .keymap import PeftLayout, adapter_key
+from .lazy import Span, SpanReader, chunked_equal
 from .reader import AdapterFolder
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,18 @@ def lora_config_from(
     return cfg, "hyper_parameters"
 
 
+class _Shapes(dict):
+    """The adapter folder's tensor shapes by key, from its spans (no data read)."""
+
+    def __init__(self, adapter: AdapterFolder) -> None:
+        super().__init__({k: _Shape(s.shape) for k, s in adapter.spans.items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shape:
+    shape: tuple[int, ...]
+
+
 @dataclasses.dataclass
 class SourceComparison:
     equal: bool
@@ -117,22 +130,34 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, float]:
 
 
 def compare_sources(
-    checkpoint: Mapping[str, torch.Tensor], adapter: AdapterFolder, adapter_name: str
+    checkpoint: Mapping[str, torch.Tensor],
+    adapter: AdapterFolder,
+    adapter_name: str,
+    spans: Mapping[str, Span] | None = None,
+    reader: SpanReader | None = None,
 ) -> SourceComparison:
-    """Compare the checkpoint's LoRA/modules_to_save tensors with the adapter folder's, key by key."""
-    ours = {}
+    """Compare the checkpoint's LoRA/modules_to_save tensors with the adapter folder's, key by key.
+
+    With ``spans`` (checkpoint key -> Span) and a ``reader``, values are compared in bounded chunks.
+    """
+    ours, our_spans = {}, {}
     for key, tensor in checkpoint.items():
         akey = adapter_key(key, adapter_name)
         if akey is not None:
             ours[akey] = tensor
-    theirs = adapter.tensors
+            if spans is not None and key in spans:
+                our_spans[akey] = spans[key]
+    theirs = _Shapes(adapter)
     differing, max_diff, reshaped = [], 0.0, []
     for key in sorted(ours.keys() & theirs.keys()):
-        if ours[key].shape != theirs[key].shape:
+        if tuple(ours[key].shape) != tuple(theirs[key].shape):
             reshaped.append(f"{key} {tuple(ours[key].shape)} vs {tuple(theirs[key].shape)}")
             differing.append(key)
             continue
-        equal, diff = _same(ours[key], theirs[key])
+        if reader is not None and key in our_spans and key in adapter.spans:
+            equal, diff = chunked_equal(reader, our_spans[key], adapter.spans[key])
+        else:
+            equal, diff = _same(ours[key], adapter.tensors[key])
         if not equal:
             differing.append(key)
             max_diff = max(max_diff, diff)
@@ -142,19 +167,17 @@ def compare_sources(
     return SourceComparison(equal, len(theirs), max_diff, differing, only_ckpt, only_adapter, reshaped)
 
 
-def adapter_tensors_as_checkpoint(
-    checkpoint_keys: list[str], adapter: AdapterFolder, adapter_name: str
-) -> dict[str, torch.Tensor]:
-    """The adapter folder's tensors under the checkpoint's key names (for ``--lora-from adapter``)."""
+def adapter_keys_as_checkpoint(checkpoint_keys: list[str], adapter: AdapterFolder, adapter_name: str) -> dict[str, str]:
+    """For ``--lora-from adapter``: checkpoint key -> the adapter folder's key that replaces it."""
     inverse = {adapter_key(k, adapter_name): k for k in checkpoint_keys}
     inverse.pop(None, None)
-    missing = sorted(set(adapter.tensors) - inverse.keys())
+    missing = sorted(set(adapter.spans) - inverse.keys())
     if missing:
         raise ConvertError(
             f"{adapter.weights_path}: {len(missing)} adapter tensors have no place in the checkpoint's model "
             f"({preview(missing, 3)}); the adapter belongs to another model"
         )
-    return {inverse[k]: t for k, t in adapter.tensors.items()}
+    return {inverse[k]: k for k in adapter.spans}
 
 
 @contextlib.contextmanager

@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from . import unpickle
 from .errors import ConvertError
+from .lazy import Span, safetensors_spans, span_of
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class Checkpoint:
     global_step: int | None = None
     lightning_version: str | None = None
     extras: dict[str, int] = dataclasses.field(default_factory=dict)  # other top-level entry -> tensor bytes
+    spans: dict[str, Span] = dataclasses.field(default_factory=dict)  # state_dict key -> where its bytes are
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -64,12 +66,22 @@ def tensor_bytes(obj: Any) -> int:
 
 @dataclasses.dataclass
 class AdapterFolder:
-    """A PEFT ``save_pretrained`` folder: adapter_config.json and the adapter's tensors (keys without the name)."""
+    """A PEFT ``save_pretrained`` folder: adapter_config.json and the adapter's tensors (keys without the name).
+
+    ``spans`` locate every tensor in the weights file (nothing read); ``tensors`` loads them on first use.
+    """
 
     path: Path
     config: dict[str, Any]
     weights_path: Path
-    tensors: dict[str, torch.Tensor]
+    spans: dict[str, Span]
+    _tensors: dict[str, torch.Tensor] | None = None
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        if self._tensors is None:
+            self._tensors = _load_safetensors(self.weights_path)
+        return self._tensors
 
 
 def _torch_load(path: Path) -> Any:
@@ -131,7 +143,8 @@ def read_checkpoint(path: Path, verify_crc: bool = True) -> Checkpoint:
     if not path.is_file():
         raise ConvertError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
-        return Checkpoint(path, "safetensors", _load_safetensors(path), {})
+        _validate_safetensors(path)
+        return Checkpoint(path, "safetensors", _load_safetensors(path), {}, spans=safetensors_spans(path))
     obj, loaded = _read_torch(path)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         tensors = obj["state_dict"]
@@ -155,9 +168,20 @@ def read_checkpoint(path: Path, verify_crc: bool = True) -> Checkpoint:
     bad = [k for k, v in ckpt.tensors.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise ConvertError(f"{path}: state_dict entry {bad[0]!r} is not a tensor")
+    if loaded is not None:
+        ckpt.spans = {k: s for k, t in ckpt.tensors.items() if (s := span_of(t, path, loaded.records)) is not None}
     if verify_crc and loaded is not None:
         unpickle.crc_check(path, loaded, ckpt.tensors)
     return ckpt
+
+
+def _validate_safetensors(path: Path) -> None:
+    """Let safetensors itself check the header (reads no tensor data)."""
+    try:
+        with safe_open(path, framework="pt"):
+            pass
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ConvertError(f"{path}: not a valid safetensors file ({exc}); re-export or re-copy it") from exc
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -200,10 +224,11 @@ def read_adapter_folder(folder: Path) -> AdapterFolder:
     else:
         raise ConvertError(f"{folder}: no {' or '.join(ADAPTER_WEIGHTS)} beside adapter_config.json")
     if weights.suffix == ".safetensors":
-        tensors = _load_safetensors(weights)
-    else:
-        obj = _torch_load(weights)
-        if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            raise ConvertError(f"{weights}: expected a state_dict of tensors")
-        tensors = dict(obj)
-    return AdapterFolder(folder, config, weights, tensors)
+        _validate_safetensors(weights)
+        return AdapterFolder(folder, config, weights, safetensors_spans(weights))
+    obj, loaded = _read_torch(weights)
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ConvertError(f"{weights}: expected a state_dict of tensors")
+    records = loaded.records if loaded else {}
+    spans = {k: s for k, t in obj.items() if (s := span_of(t, weights, records)) is not None}
+    return AdapterFolder(folder, config, weights, spans, dict(obj))

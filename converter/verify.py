@@ -41,15 +41,15 @@ def _capture_transformers_warnings():
         logger.removeHandler(handler)
 
 
-def load_clean(folder: Path, auto_class: str, device: torch.device) -> nn.Module:
+def load_clean(folder: Path, auto_class: str, device: torch.device, device_map: str | None = None) -> nn.Module:
     """``from_pretrained(output_loading_info=True)`` in float32; any missing, unexpected or mismatched key, or a
-    printed load report, is a ConvertError."""
+    printed load report, is a ConvertError. ``device_map="meta"`` checks names and shapes without reading data."""
     import transformers
 
     cls = getattr(transformers, auto_class)
     with _capture_transformers_warnings() as warned:
         model, info = cls.from_pretrained(
-            folder, dtype=torch.float32, output_loading_info=True, device_map=None, local_files_only=True
+            folder, dtype=torch.float32, output_loading_info=True, device_map=device_map, local_files_only=True
         )
     problems = {
         k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
@@ -58,7 +58,7 @@ def load_clean(folder: Path, auto_class: str, device: torch.device) -> nn.Module
     if problems or reports:
         detail = "; ".join(f"{k}: {preview([str(x) for x in v], 3)}" for k, v in problems.items()) or "a load report"
         raise ConvertError(f"{folder}: {auto_class}.from_pretrained does not load the export cleanly ({detail})")
-    return model.to(device).eval()
+    return model.eval() if device_map == "meta" else model.to(device).eval()
 
 
 def logit_tolerance(dtype: torch.dtype, reference: torch.Tensor) -> float:
@@ -108,3 +108,20 @@ def causal_lm_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 def probe_input_ids(vocab_size: int, seed: int = 1234, batch: int = 2, length: int = 16) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (batch, length), generator=generator)
+
+
+def check_finite(key: str, before: torch.Tensor, after: torch.Tensor, source: Path) -> torch.Tensor:
+    """A written tensor must be finite: name NaN/Inf from the checkpoint or merge, and overflow from the cast."""
+    if not after.is_floating_point() or bool(torch.isfinite(after).all()):
+        return after
+    if bool(torch.isfinite(before).all()):
+        peak = float(before.abs().max())
+        raise ConvertError(
+            f"{source}: {key} overflows {str(after.dtype).removeprefix('torch.')} (max abs {peak:.4g}); "
+            "use --dtype bfloat16 or float32"
+        )
+    bad = int((~torch.isfinite(before)).sum())
+    raise ConvertError(
+        f"{source}: {key} holds {bad} NaN/Inf values after the merge; the trained weights are broken "
+        "(check the checkpoint's LoRA tensors for this module)"
+    )

@@ -154,12 +154,14 @@ def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
     return digest.hexdigest()
 
 
-def file_records(root: Path, skip: tuple[str, ...] = ()) -> list[dict[str, object]]:
-    """``{"path", "bytes", "sha256"}`` for every file under ``root`` (paths relative to it, sorted)."""
-    records = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        rel = path.relative_to(root).as_posix()
-        if rel in skip:
-            continue
-        records.append({"path": rel, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
-    return records
+def file_records(root: Path, known: dict[str, str] | None = None) -> list[dict[str, object]]:
+    """``{"path", "bytes", "sha256"}`` for every file under ``root`` (paths relative to it, sorted).
+
+    ``known`` maps relative paths to sha256 digests computed while the files were written (not re-read).
+    """
+    known = known or {}
+    return [
+        {"path": rel, "bytes": path.stat().st_size, "sha256": known.get(rel) or sha256_file(path)}
+        for path in sorted(p for p in root.rglob("*") if p.is_file())
+        for rel in [path.relative_to(root).as_posix()]
+    ]

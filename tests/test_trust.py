@@ -243,10 +243,20 @@ def _flip(path, offset):
     path.write_bytes(bytes(data))
 
 
-def test_flipped_byte_in_tensor_data_fails_crc(run_copy, tmp_path, capsys):
-    offset, size = _record_offset(_ckpt(run_copy), lambda i: "/data/" in i.filename and i.file_size > 1000)
-    _flip(_ckpt(run_copy), offset + size // 2)
-    line = _refused(capsys, run_copy, tmp_path)
+@pytest.mark.parametrize("engine", ["full", "streaming"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "model.vision_encoder.embeddings.patch_embedding.weight",
+        "model.language_model.base_model.model.model.layers.1.mlp.up_proj.lora_B.default.weight",
+    ],
+)
+def test_flipped_byte_in_tensor_data_fails_crc(run_copy, tmp_path, capsys, engine, key):
+    from converter.reader import read_checkpoint
+
+    span = read_checkpoint(_ckpt(run_copy), verify_crc=False).spans[key]
+    _flip(_ckpt(run_copy), span.offset + 5)
+    line = _refused(capsys, run_copy, tmp_path, "--engine", engine, "--lora-from", "checkpoint")
     assert "fails its CRC-32 check (stored " in line and line.endswith("the file is corrupt; re-copy it")
 
 
@@ -306,20 +316,31 @@ def test_config_whose_shapes_disagree(run_copy, tmp_path, capsys):
     assert line.endswith("pass --base language_model=PATH with the config the model was trained with")
 
 
-def test_nan_from_the_merge(run_copy, tmp_path, capsys):
+@pytest.mark.parametrize("engine", ["full", "streaming"])
+def test_nan_from_the_merge(run_copy, tmp_path, capsys, engine):
     key = "model.language_model.base_model.model.model.layers.0.self_attn.o_proj.lora_B.default.weight"
     _edit_checkpoint(run_copy, lambda c: c["state_dict"][key].__setitem__((0, 0), float("nan")))
-    line = _refused(capsys, run_copy, tmp_path, "--lora-from", "checkpoint")
+    line = _refused(capsys, run_copy, tmp_path, "--lora-from", "checkpoint", "--engine", engine)
     assert "model.layers.0.self_attn.o_proj.weight holds 32 NaN/Inf values after the merge" in line
 
 
-def test_float16_overflow(run_copy, tmp_path, capsys):
-    key = "model.projector.0.weight"
-    _edit_checkpoint(run_copy, lambda c: c["state_dict"][key].__setitem__((0, 0), 1e6))
-    line = _refused(capsys, run_copy, tmp_path, "--dtype", "float16")
-    assert line.endswith(
-        f"{key.removeprefix('model.projector.')} overflows float16 (max abs 1e+06); use --dtype bfloat16 or float32"
-    )
+@pytest.mark.parametrize(
+    ("engine", "key", "written"),
+    [
+        ("full", "model.projector.0.weight", "0.weight"),
+        ("streaming", "model.language_model.base_model.model.model.norm.weight", "model.norm.weight"),
+        (
+            "streaming",
+            "model.language_model.base_model.model.model.layers.0.mlp.up_proj.base_layer.weight",
+            "model.layers.0.mlp.up_proj.weight",
+        ),
+    ],
+)
+def test_float16_overflow(run_copy, tmp_path, capsys, engine, key, written):
+    _edit_checkpoint(run_copy, lambda c: c["state_dict"][key].view(-1).__setitem__(0, 1e6))
+    line = _refused(capsys, run_copy, tmp_path, "--dtype", "float16", "--engine", engine, "--lora-from", "checkpoint")
+    assert f": {written} overflows float16 (max abs " in line
+    assert line.endswith("use --dtype bfloat16 or float32")
 
 
 def test_non_tensor_in_state_dict(run_copy, tmp_path, capsys):

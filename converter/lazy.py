@@ -1,0 +1,214 @@
+"""Reading tensor bytes straight from files with ``pread``, in bounded chunks, checking CRC-32s on the way.
+
+Memory-mapped tensors are convenient but every page touched counts towards the process's resident memory until
+the mapping goes away; the streaming engine instead reads each tensor (or a slice of rows of it) into a fresh
+buffer and drops it after use. A ``Span`` says where a tensor's bytes are; it comes from a torch zip record
+(see ``unpickle``) or from a safetensors header.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .errors import ConvertError
+from .unpickle import Record
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Span:
+    """A contiguous tensor stored in a file: ``nbytes`` bytes at ``offset``, optionally inside a CRC'd record."""
+
+    path: Path
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    record: Record | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return _numel(self.shape) * self.dtype.itemsize
+
+    @property
+    def row_bytes(self) -> int:
+        return _numel(self.shape[1:]) * self.dtype.itemsize if self.shape else self.dtype.itemsize
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def span_of(tensor: torch.Tensor, path: Path, records: dict[int, Record]) -> Span | None:
+    """Where a memory-mapped checkpoint tensor's bytes are, if it is contiguous and backed by a zip record."""
+    if not tensor.is_contiguous():
+        return None
+    record = records.get(tensor.untyped_storage().data_ptr())
+    if record is None:
+        return None
+    offset = record.offset + tensor.storage_offset() * tensor.element_size()
+    return Span(path, offset, tensor.dtype, tuple(tensor.shape), record)
+
+
+def safetensors_spans(path: Path) -> dict[str, Span]:
+    """Spans of every tensor in a safetensors file, from its header (no tensor data is read)."""
+    try:
+        with open(path, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            if length > 100 << 20 or length > path.stat().st_size:
+                raise ValueError(f"header length {length} is impossible")
+            header = json.loads(fh.read(length))
+    except (OSError, ValueError, struct.error) as exc:
+        raise ConvertError(f"{path}: not a valid safetensors file ({exc}); re-export or re-copy it") from exc
+    spans = {}
+    base = 8 + length
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        start, _ = entry["data_offsets"]
+        spans[name] = Span(path, base + start, SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]))
+    return spans
+
+
+class SpanReader:
+    """Reads spans with ``os.pread``; verifies each zip record's CRC-32 the first time it is read whole."""
+
+    def __init__(self, chunk_bytes: int = 64 << 20, pin: bool = False) -> None:
+        self.chunk_bytes = chunk_bytes
+        self.pin = pin and torch.cuda.is_available()
+        self._fds: dict[Path, int] = {}
+        self.checked: set[tuple[Path, str]] = set()
+        self.bytes_read = 0
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> SpanReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _fd(self, path: Path) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def _pread_into(self, span: Span, buffer: torch.Tensor, offset: int) -> None:
+        view = memoryview(buffer.view(torch.uint8).numpy()) if buffer.numel() else memoryview(b"")
+        fd, done = self._fd(span.path), 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise ConvertError(f"{span.path}: ends before the tensor data at byte {offset + done}; truncated")
+            done += n
+        self.bytes_read += done
+
+    def rows(self, span: Span, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of the tensor (the whole tensor for a 0-d one), as a new CPU tensor."""
+        shape = (stop - start, *span.shape[1:]) if span.shape else ()
+        out = torch.empty(shape, dtype=span.dtype, pin_memory=self.pin)
+        self._pread_into(span, out, span.offset + start * span.row_bytes)
+        return out
+
+    def read(self, span: Span) -> torch.Tensor:
+        """The whole tensor; its record's CRC-32 is checked when the span covers the record."""
+        rows = span.shape[0] if span.shape else 1
+        tensor = self.rows(span, 0, rows)
+        self._check_whole(span, tensor)
+        return tensor
+
+    def chunks(self, span: Span) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``(start, stop, rows)`` over the tensor in pieces of at most ``chunk_bytes``; checks the CRC-32."""
+        total = span.shape[0] if span.shape else 1
+        step = max(1, self.chunk_bytes // max(1, span.row_bytes))
+        covers = self._covers(span)
+        crc = 0
+        for start in range(0, total, step):
+            stop = min(total, start + step)
+            piece = self.rows(span, start, stop) if span.shape else self.rows(span, 0, 1)
+            if covers:
+                crc = zlib.crc32(memoryview(piece.view(torch.uint8).numpy()) if piece.numel() else b"", crc)
+            yield start, stop, piece
+        if covers:
+            self._verify(span, crc)
+        else:
+            self.check_record(span)
+
+    def _covers(self, span: Span) -> bool:
+        r = span.record
+        return (
+            r is not None
+            and (span.path, r.name) not in self.checked
+            and span.offset == r.offset
+            and span.nbytes == r.nbytes
+        )
+
+    def _check_whole(self, span: Span, tensor: torch.Tensor) -> None:
+        if self._covers(span):
+            self._verify(span, zlib.crc32(memoryview(tensor.view(torch.uint8).numpy()) if tensor.numel() else b""))
+        else:
+            self.check_record(span)
+
+    def check_record(self, span: Span) -> None:
+        """CRC-32 of the span's whole record, read in chunks (for tensors that share or cover part of it)."""
+        r = span.record
+        if r is None or (span.path, r.name) in self.checked:
+            return
+        crc, done = 0, 0
+        while done < r.nbytes:
+            n = min(self.chunk_bytes, r.nbytes - done)
+            buf = os.pread(self._fd(span.path), n, r.offset + done)
+            if len(buf) != n:
+                raise ConvertError(f"{span.path}: {r.name} is truncated")
+            crc = zlib.crc32(buf, crc)
+            done += n
+        self._verify(span, crc)
+
+    def _verify(self, span: Span, crc: int) -> None:
+        r = span.record
+        if crc != r.crc:
+            raise ConvertError(
+                f"{span.path}: tensor data in {r.name} fails its CRC-32 check (stored {r.crc:08x}, computed "
+                f"{crc:08x}); the file is corrupt; re-copy it"
+            )
+        self.checked.add((span.path, r.name))
+
+
+def chunked_equal(reader: SpanReader, a: Span, b: Span) -> tuple[bool, float]:
+    """Compare two stored tensors chunk by chunk after rounding both to the narrower dtype.
+
+    Returns (equal, max abs difference in float32).
+    """
+    if a.shape != b.shape:
+        return False, float("inf")
+    narrow = a.dtype if a.dtype.itemsize <= b.dtype.itemsize else b.dtype
+    equal, diff = True, 0.0
+    for start, stop, x in reader.chunks(a):
+        y = reader.rows(b, start, stop) if b.shape else reader.rows(b, 0, 1)
+        if not torch.equal(x.to(narrow), y.to(narrow)):
+            equal = False
+            if x.is_floating_point() or y.is_floating_point():
+                diff = max(diff, float((x.float() - y.float()).abs().max()))
+            else:
+                diff = float("inf")
+    reader.check_record(b)
+    return equal, diff

@@ -1,0 +1,288 @@
+"""The streaming engine: tensor by tensor, in bounded memory, with PEFT's own per-layer ``merge()``.
+
+For each output tensor, in the order of the export's files: a copied tensor is read in row chunks from the
+checkpoint (``pread``, CRC-32 checked on the way), cast and handed to a background writer; a merged weight is
+produced by materialising only its LoRA layer (base weight, lora_A, lora_B, DoRA magnitude) in float32 on the merge
+device, calling the layer's ``merge()`` -- the same call ``merge_and_unload`` makes -- and casting the result. The
+PEFT model itself lives on the meta device. Peak memory is about one LoRA layer plus a few chunks, whatever the
+model's size.
+
+Verification streams too: each merged layer's output on a random input is compared with the unmerged layer's
+before its memory is released; copied tensors are read back from the written files and compared with their
+sources; and the folder is reloaded by ``from_pretrained`` onto the meta device (key names, shapes and the load
+report, without reading data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import verify as checks
+from .errors import ConvertError
+from .keymap import PEFT_PREFIX
+from .lazy import DTYPE_NAMES, Span, SpanReader, safetensors_spans
+from .verify import check_finite
+
+if TYPE_CHECKING:
+    from .components import HFPart
+
+log = logging.getLogger(__name__)
+
+INDEX = "model.safetensors.index.json"
+
+
+class SafetensorsStream:
+    """Writes a safetensors file whose tensors are known up front; bytes are appended in header order by a
+    background thread, which also computes the file's sha256."""
+
+    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict) -> None:
+        header: dict[str, Any] = {"__metadata__": metadata}
+        offset = 0
+        self.order = []
+        for name, dtype, shape in entries:
+            nbytes = dtype.itemsize
+            for s in shape:
+                nbytes *= s
+            header[name] = {
+                "dtype": DTYPE_NAMES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            self.order.append((name, nbytes))
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.path, self.sha = path, hashlib.sha256()
+        self._fh = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._queue: queue.Queue = queue.Queue(maxsize=4)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
+        self._put(len(raw).to_bytes(8, "little") + raw)
+        self._expected = iter(self.order)
+        self._current: tuple[str, int] | None = None
+        self._left = 0
+
+    def _drain(self) -> None:
+        while (block := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    data = memoryview(block.view(torch.uint8).numpy()) if isinstance(block, torch.Tensor) else block
+                    self._fh.write(data)
+                    self.sha.update(data)
+                except BaseException as exc:  # noqa: BLE001 - handed to the producing thread
+                    self._error = exc
+
+    def _put(self, block: Any) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(block)
+
+    def write(self, name: str, piece: torch.Tensor) -> None:
+        """Append the next bytes of tensor ``name`` (a whole tensor or the next rows of it)."""
+        if self._left == 0:
+            self._current = next(self._expected)
+            self._left = self._current[1]
+        if name != self._current[0]:
+            raise RuntimeError(f"expected {self._current[0]}, got {name}")
+        piece = piece.detach().to("cpu").contiguous()
+        self._left -= piece.numel() * piece.element_size()
+        self._put(piece)
+
+    def close(self) -> str:
+        """Finish the file (fsync) and return its sha256; raise the writer's error if there was one."""
+        self._queue.put(None)
+        self._thread.join()
+        try:
+            if self._error is None:
+                self._fh.flush()
+        finally:
+            self._fh.close()
+        if self._error is not None:
+            raise self._error
+        return self.sha.hexdigest()
+
+    def abort(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._fh.close()
+
+
+def _probe(base: torch.nn.Module, device: torch.device, generator: torch.Generator) -> torch.Tensor:
+    """A random input for a LoRA layer's base module (Linear, Conv1D, Embedding)."""
+    if isinstance(base, torch.nn.Embedding):
+        return torch.randint(0, base.num_embeddings, (8,), generator=generator).to(device)
+    weight = base.weight
+    fan_in = weight.shape[0] if type(base).__name__ == "Conv1D" else weight.shape[1]
+    return torch.randn(8, fan_in, generator=generator).to(device)
+
+
+class StreamingWriter:
+    """Writes one HF part with the streaming engine."""
+
+    def __init__(self, part: HFPart, reader: SpanReader, verify: bool) -> None:
+        self.part, self.reader, self.verify = part, reader, verify
+        self.ctx = part.ctx
+        self.dtype_override = part.out_dtype()
+        self.device = self.ctx.device
+        self.generator = torch.Generator().manual_seed(1234)
+        self.module_checks: list[float] = []  # relative max abs diff per merged layer
+        self.sha: dict[str, str] = {}
+        self._merged: dict[str, torch.Tensor] = {}
+        self.peft = None
+        self.of_module: dict[str, str] = {}  # plain key -> LoRA module path, for merged base-layer params
+        if part.layout is not None:
+            from .merge import build_peft_model
+
+            self.peft = build_peft_model(part.hf_config, part.lora_config, part.layout.adapter_name, "meta")
+            lora = set(part.layout.lora_modules)
+            for plain, rel in part.plain.items():
+                inner = rel.removeprefix(PEFT_PREFIX)
+                module, _, leaf = inner.rpartition(".base_layer.")
+                if module in lora and "." not in leaf:
+                    self.of_module[plain] = module
+
+    # --- sources -----------------------------------------------------------------------------------------
+    def _whole(self, rel: str) -> torch.Tensor:
+        span = self.part.source_span(rel)
+        return self.reader.read(span) if span is not None else self.part.source_tensor(rel)
+
+    def _chunks(self, rel: str) -> Iterator[torch.Tensor]:
+        span = self.part.source_span(rel)
+        if span is not None:
+            for _, _, piece in self.reader.chunks(span):
+                yield piece
+        else:
+            yield self._whole(rel)
+
+    def out_dtype(self, source_dtype: torch.dtype) -> torch.dtype:
+        if self.dtype_override is not None and source_dtype.is_floating_point:
+            return self.dtype_override
+        return source_dtype
+
+    # --- merge ---------------------------------------------------------------------------------------------
+    def _merge(self, module: str) -> None:
+        """Materialise one LoRA layer in float32 on the device, merge it with PEFT, keep its base params."""
+        part = self.part
+        layer = self.peft.get_submodule(PEFT_PREFIX + module)
+        state = {}
+        for name in layer.state_dict():
+            rel = f"{PEFT_PREFIX}{module}.{name}"
+            state[name] = self._whole(rel).to(self.device, torch.float32, non_blocking=True)
+        layer.load_state_dict(state, assign=True, strict=True)
+        base = layer.get_base_layer()
+        with torch.no_grad():
+            if self.verify:
+                x = _probe(base, self.device, self.generator)
+                reference = layer(x)
+            layer.merge(adapter_names=[part.layout.adapter_name])
+            for pname, param in base.named_parameters(recurse=False):
+                key = f"{module}.{pname}"
+                cast = param.detach().to(self.out_dtype(param.dtype))
+                self._merged[key] = check_finite(key, param.detach(), cast, self.ctx.checkpoint_path)
+            if self.verify:
+                weight = base.weight
+                weight.data = self._merged[f"{module}.weight"].to(torch.float32)
+                if getattr(base, "bias", None) is not None:
+                    base.bias.data = self._merged[f"{module}.bias"].to(torch.float32)
+                got = layer(x)  # merged: the base module alone, with the weights as written
+                diff = float((got - reference).abs().max()) / max(1.0, float(reference.abs().max()))
+                self.module_checks.append(diff)
+        layer.to_empty(device="meta")
+
+    def _merged_tensor(self, plain: str) -> torch.Tensor:
+        if plain not in self._merged:
+            self._merge(self.of_module[plain])
+        return self._merged.pop(plain)
+
+    # --- writing -------------------------------------------------------------------------------------------
+    def write(self, folder: Path) -> dict[str, Any]:
+        from huggingface_hub import split_state_dict_into_shards_factory
+
+        part = self.part
+        planned = part.planned()
+        shapes = {k: (self.out_dtype(t.dtype), tuple(t.shape)) for k, t in planned.items()}
+        split = split_state_dict_into_shards_factory(
+            shapes,
+            get_storage_size=lambda spec: spec[0].itemsize * max(1, torch.Size(spec[1]).numel()),
+            filename_pattern="model{suffix}.safetensors",
+            max_shard_size=self.ctx.max_shard_size,
+        )
+        folder.mkdir(parents=True, exist_ok=True)
+        bar = tqdm(
+            total=len(planned),
+            desc=f"streaming {part.comp.name}",
+            unit="tensor",
+            disable=not self.ctx.progress,
+            leave=False,
+        )
+        for filename, names in split.filename_to_tensors.items():
+            stream = SafetensorsStream(folder / filename, [(n, *shapes[n]) for n in names], {"format": "pt"})
+            try:
+                for name in names:
+                    self._write_tensor(stream, name, shapes[name][0])
+                    bar.update()
+                self.sha[filename] = stream.close()
+            except BaseException:
+                stream.abort()
+                raise
+        bar.close()
+        if split.is_sharded:
+            index = {"metadata": {**split.metadata, "format": "pt"}, "weight_map": split.tensor_to_filename}
+            (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return {"files": list(split.filename_to_tensors)}
+
+    def _write_tensor(self, stream: SafetensorsStream, name: str, dtype: torch.dtype) -> None:
+        if name in self.of_module:
+            stream.write(name, self._merged_tensor(name))
+            return
+        for piece in self._chunks(self.part.plain[name]):
+            stream.write(name, check_finite(name, piece, piece.to(dtype), self.ctx.checkpoint_path))
+
+    # --- verification --------------------------------------------------------------------------------------
+    def verify_written(self, folder: Path) -> dict[str, Any]:
+        """Reload onto the meta device; read copied tensors back and compare them with their sources."""
+        part = self.part
+        checks.load_clean(folder, part.auto_class, self.device, device_map="meta")
+        written: dict[str, Span] = {}
+        for name in sorted(folder.glob("model*.safetensors")):
+            written.update(safetensors_spans(name))
+        exact = 0
+        for name, span in written.items():
+            if name in self.of_module:
+                continue
+            source = self._chunks(part.plain[name])
+            offset = 0
+            for piece in source:
+                rows = piece.shape[0] if piece.dim() else 1
+                back = self.reader.rows(span, offset, offset + rows) if span.shape else self.reader.rows(span, 0, 1)
+                offset += rows
+                if not torch.equal(back, piece.to(span.dtype).reshape(back.shape)):
+                    raise ConvertError(f"{folder}: {name} was not written exactly; the disk may be failing")
+            exact += 1
+        worst = max(self.module_checks, default=0.0)
+        dtype = self.dtype_override or torch.float32
+        tol = checks.LOGIT_TOLERANCE.get(dtype, 1e-2)
+        if not worst <= tol:
+            raise ConvertError(
+                f"{folder}: a merged layer's output differs from the unmerged layer's by {worst:.3g} (relative; "
+                f"tolerance {tol:.3g}); the merge is wrong, report this with --debug output"
+            )
+        return {
+            "loads_clean": True,
+            "exact_tensors": exact,
+            "merged_tensors": len(self.of_module),
+            "max_rel_layer_output_diff": worst,
+            "layer_tolerance": tol,
+            "layers_checked": len(self.module_checks),
+        }
