@@ -10,7 +10,7 @@ ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv convert inspect test lint format clean
+.PHONY: venv convert inspect test lint format clean bench
 
 venv: $(VENV)/.installed
 
@@ -38,12 +38,17 @@ test: venv lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: venv
-	$(VENV)/bin/ruff check converter tests
-	$(VENV)/bin/ruff format --check converter tests
+	$(VENV)/bin/ruff check converter tests bench
+	$(VENV)/bin/ruff format --check converter tests bench
 
 format: venv
 	$(VENV)/bin/ruff check --fix converter tests
 	$(VENV)/bin/ruff format converter tests
+
+# Not part of CI: builds and caches Qwen3-0.6B- and 1.7B-shaped runs (about 50 GB of disk), then measures.
+bench: venv
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) bench/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build .pytest_cache

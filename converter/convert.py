@@ -176,8 +176,12 @@ def convert(opts: ConvertOptions) -> dict[str, Any]:
         return _convert(opts, prepared)
 
 
+STREAM_ABOVE = 1 << 30  # float32 bytes of a part above which auto streams even when memory would allow the full engine
+
+
 def choose_engine(opts: ConvertOptions, parts: list[Part]) -> str:
-    """``full`` unless the whole-model engine would need more than ``max_memory`` (default: half the RAM)."""
+    """``streaming`` for a part over 1 GiB in float32 or when the whole-model engine would need more than
+    ``max_memory`` (default: half the RAM); ``full`` otherwise (small models: it also compares logits end to end)."""
     if opts.engine in ("full", "streaming"):
         return opts.engine
     if opts.engine != "auto":
@@ -189,8 +193,8 @@ def choose_engine(opts: ConvertOptions, parts: list[Part]) -> str:
     except ValueError as exc:
         raise ConvertError(f"--max-memory {opts.max_memory}: not a size; use e.g. 8GB") from exc
     # The full engine holds the float32 model, the merged copy being cast and the output: about 3x float32.
-    need = 3 * max((sum(t.numel() for t in p.planned().values()) * 4 for p in parts), default=0)
-    return "streaming" if need > limit else "full"
+    largest = max((sum(t.numel() for t in p.planned().values()) * 4 for p in parts), default=0)
+    return "streaming" if largest > STREAM_ABOVE or 3 * largest > limit else "full"
 
 
 def _ram() -> int:

@@ -80,6 +80,15 @@ def panorama_logits(
     return language_model(inputs_embeds=inputs_embeds).logits
 
 
+def _load_or_init(auto_class, folder: str, dtype: torch.dtype) -> nn.Module:
+    """The base model from its folder; a folder with only a config (large benchmark shapes) gives a random init."""
+    from transformers import AutoConfig
+
+    if any(Path(folder).glob("model*.safetensors")):
+        return auto_class.from_pretrained(folder, dtype=dtype)
+    return auto_class.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
+
+
 class PanoramaVLM(nn.Module):
     """vision_encoder -> resampler -> projector -> language_model (PEFT LoRA)."""
 
@@ -92,15 +101,16 @@ class PanoramaVLM(nn.Module):
         adapter_name: str = "default",
         modules_to_save: list[str] | None = None,
         lora_extra: dict[str, Any] | None = None,
+        lm_dtype: str = "float32",
     ) -> None:
         super().__init__()
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModel, AutoModelForCausalLM
 
-        self.vision_encoder = AutoModel.from_pretrained(vision_name)
+        self.vision_encoder = _load_or_init(AutoModel, vision_name, torch.float32)
         self.vision_encoder.requires_grad_(False)
         vision_dim = self.vision_encoder.config.hidden_size
-        base = AutoModelForCausalLM.from_pretrained(language_model_name, dtype=torch.float32)
+        base = _load_or_init(AutoModelForCausalLM, language_model_name, getattr(torch, lm_dtype))
         self.resampler = Resampler(vision_dim, num_queries=4)
         self.projector = make_projector(vision_dim, base.config.hidden_size)
         lora = LoraConfig(
@@ -137,12 +147,20 @@ def _lightning_module_class():  # imported lazily: lightning is a dev dependency
             attribute: str = "model",
             lr: float = 5e-3,
             lora_extra: dict[str, Any] | None = None,
+            lm_dtype: str = "float32",
         ) -> None:
             super().__init__()
             self.save_hyperparameters()
             self.attribute = attribute
             vlm = PanoramaVLM(
-                vision_name, language_model_name, lora_r, lora_alpha, adapter_name, modules_to_save, lora_extra
+                vision_name,
+                language_model_name,
+                lora_r,
+                lora_alpha,
+                adapter_name,
+                modules_to_save,
+                lora_extra,
+                lm_dtype,
             )
             setattr(self, attribute, vlm)
 
@@ -208,8 +226,13 @@ def _lightning_module_class():  # imported lazily: lightning is a dev dependency
     return PanoramaModule
 
 
-def build_bases(root: Path, shape: TinyShape | None = None, seed: int = 0) -> tuple[Path, Path]:
-    """Write tiny base models (config, weights, tokenizer) to ROOT/bases; return (vision, language) folders."""
+def build_bases(
+    root: Path, shape: TinyShape | None = None, seed: int = 0, weights: bool = True, dtype: str = "float32"
+) -> tuple[Path, Path]:
+    """Write base models (config, weights, tokenizer) to ROOT/bases; return (vision, language) folders.
+
+    ``weights=False`` writes the language model's config only (the run then starts from a random init).
+    """
     from transformers import (
         GenerationConfig,
         PreTrainedTokenizerFast,
@@ -235,8 +258,12 @@ def build_bases(root: Path, shape: TinyShape | None = None, seed: int = 0) -> tu
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
+        dtype=dtype,
     )
-    Qwen3ForCausalLM(lm_config).save_pretrained(lm_dir)
+    if weights:
+        Qwen3ForCausalLM(lm_config).to(getattr(torch, dtype)).save_pretrained(lm_dir)
+    else:
+        lm_config.save_pretrained(lm_dir)
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, max_new_tokens=8).save_pretrained(lm_dir)
     _tiny_tokenizer(shape.vocab, PreTrainedTokenizerFast).save_pretrained(lm_dir)
     vision_config = SiglipVisionConfig(
@@ -276,6 +303,9 @@ class RunSpec:
     lora_extra: dict[str, Any] | None = None
     seed: int = 0
     causal_lm: bool = False  # a plain PEFT causal LM instead of PanoramaVLM
+    save_top_k: int = 1  # 0: only last.ckpt (large benchmark runs)
+    accelerator: str = "cpu"
+    lm_dtype: str = "float32"
 
 
 def build_run(root: Path, spec: RunSpec | None = None, bases: tuple[Path, Path] | None = None) -> Path:
@@ -302,6 +332,7 @@ def build_run(root: Path, spec: RunSpec | None = None, bases: tuple[Path, Path] 
             modules_to_save=modules_to_save,
             attribute=spec.attribute,
             lora_extra=spec.lora_extra,
+            lm_dtype=spec.lm_dtype,
         )
     vision_config = json.loads((vision_dir / "config.json").read_text())
     vocab = json.loads((lm_dir / "config.json").read_text())["vocab_size"]
@@ -316,12 +347,15 @@ def build_run(root: Path, spec: RunSpec | None = None, bases: tuple[Path, Path] 
 
     trainer = lightning.Trainer(
         max_steps=spec.steps,
-        accelerator="cpu",
+        accelerator=spec.accelerator,
         devices=1,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True), SaveAdapter()],
+        callbacks=[
+            ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=spec.save_top_k),
+            SaveAdapter(),
+        ],
         default_root_dir=run_dir,
     )
     trainer.fit(module, loader)

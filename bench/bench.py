@@ -1,0 +1,299 @@
+"""``make bench``: ckpt2hf against the floor (a durable copy of the export's bytes) and the usual PEFT path.
+
+Builds once and caches (bench/cache/) real runs of Qwen3-shaped PanoramaVLMs trained one step by a Lightning
+Trainer, then runs the contenders alternately, each in a fresh process, ``--reps`` times, and reports median wall
+time and peak RSS (the child's ``ru_maxrss``), their ratios, a JSON file and a bar chart. Not part of CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+
+SHAPES = {
+    "smoke": {"layers": 2, "hidden": 64, "intermediate": 128, "heads": 4, "kv_heads": 2, "head_dim": 16, "vocab": 1000},
+    # Qwen3-0.6B: 28 layers, hidden 1024, intermediate 3072, 16 heads, 8 KV heads, head_dim 128, vocab 151936, tied
+    "qwen3-0.6b": {"layers": 28, "hidden": 1024, "intermediate": 3072, "heads": 16, "kv_heads": 8, "head_dim": 128},
+    # Qwen3-1.7B: hidden 2048, intermediate 6144
+    "qwen3-1.7b": {"layers": 28, "hidden": 2048, "intermediate": 6144, "heads": 16, "kv_heads": 8, "head_dim": 128},
+    # Qwen3-8B (bf16, for the GPU machine): 36 layers, hidden 4096, intermediate 12288, 32 heads, untied
+    "qwen3-8b": {"layers": 36, "hidden": 4096, "intermediate": 12288, "heads": 32, "kv_heads": 8, "head_dim": 128,
+                 "tie_word_embeddings": False},
+}  # fmt: skip
+
+FLOOR = """
+import os, shutil, sys
+src, dst = sys.argv[1:3]
+shutil.copytree(src, dst)
+for root, _, files in os.walk(dst):
+    for name in files:
+        with open(os.path.join(root, name), "rb+") as fh:
+            os.fsync(fh.fileno())
+"""
+
+PEFT_PATH = """
+import os, sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+base, adapter, dst = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+model.save_pretrained(dst)
+for root, _, files in os.walk(dst):
+    for name in files:
+        with open(os.path.join(root, name), "rb+") as fh:
+            os.fsync(fh.fileno())
+"""
+
+
+def build(shape: str, cache: Path, accelerator: str, dtype: str) -> Path:
+    """The cached run for ``shape`` (built on first use)."""
+    from converter.example import RunSpec, TinyShape, build_bases, build_run
+
+    root = cache / shape
+    run = root / "runs" / shape
+    if (run / "checkpoints" / "last.ckpt").is_file() and (run / "lora_weights").is_dir():
+        return run
+    shutil.rmtree(root, ignore_errors=True)
+    dims = {"vocab": 151936, **SHAPES[shape]}
+    tiny = TinyShape(vision_hidden=64, vision_layers=2, image_size=32, patch_size=16, **dims)
+    print(f"building {shape} in {root} ...", flush=True)
+    started = time.perf_counter()
+    weights = accelerator == "cpu"  # the PEFT path needs base weights; the GPU run starts from a random init
+    bases = build_bases(root, tiny, weights=weights, dtype=dtype)
+    spec = RunSpec(name=shape, steps=1, save_top_k=0, accelerator=accelerator, lm_dtype=dtype)
+    build_run(root, spec, bases=bases)
+    print(f"built {shape} in {time.perf_counter() - started:.0f} s", flush=True)
+    return run
+
+
+def measure(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS bytes of one child process; a failure stops the benchmark."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - started
+    if status != 0:
+        raise SystemExit(f"benchmark command failed ({status}): {' '.join(cmd)}")
+    return wall, usage.ru_maxrss * 1024
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def run_shape(shape: str, args: argparse.Namespace, env: dict[str, str]) -> dict:
+    py = sys.executable
+    # Built in a child so that this process stays small: a forked child starts with its parent's RSS.
+    subprocess.run(
+        [
+            py,
+            __file__,
+            "--build",
+            shape,
+            "--cache",
+            str(args.cache),
+            "--build-accelerator",
+            args.build_accelerator,
+            "--dtype",
+            args.dtype,
+        ],
+        env=env,
+        cwd=REPO,
+        check=True,
+    )
+    run = args.cache / shape / "runs" / shape
+    ref = args.cache / shape / "export-ref"
+    if not (ref / "manifest.json").is_file():
+        shutil.rmtree(ref, ignore_errors=True)
+        subprocess.run(
+            [
+                py,
+                "-m",
+                "converter",
+                "convert",
+                str(run),
+                "--out",
+                str(ref),
+                "--engine",
+                "streaming",
+                "--quiet",
+                "--device",
+                args.device,
+            ],
+            env=env,
+            cwd=REPO,
+            check=True,
+        )
+    dest = args.cache / shape / "dest"
+    convert = [py, "-m", "converter", "convert", str(run), "--out", str(dest), "--quiet", "--device", args.device]
+    contenders = {
+        "floor (durable copy of the export)": [py, "-c", FLOOR, str(ref), str(dest)],
+        "convert --no-verify, streaming": [*convert, "--no-verify", "--engine", "streaming"],
+        "convert --no-verify, full": [*convert, "--no-verify", "--engine", "full"],
+        "convert with verification, streaming": [*convert, "--engine", "streaming"],
+    }
+    if args.peft and (args.cache / shape / "bases" / "language_model" / "config.json").is_file():
+        base = args.cache / shape / "bases" / "language_model"
+        contenders["PEFT path (from_pretrained, merge_and_unload, save_pretrained)"] = [
+            py,
+            "-c",
+            PEFT_PATH,
+            str(base),
+            str(run / "lora_weights"),
+            str(dest),
+        ]
+    skip = set(args.skip or [])
+    contenders = {k: v for k, v in contenders.items() if not any(s in k for s in skip)}
+    results: dict[str, dict] = {name: {"wall_s": [], "peak_rss_bytes": []} for name in contenders}
+    for rep in range(args.reps):
+        for name, cmd in contenders.items():
+            shutil.rmtree(dest, ignore_errors=True)
+            subprocess.run(["sync"], check=False)
+            wall, rss = measure(cmd, env)
+            results[name]["wall_s"].append(wall)
+            results[name]["peak_rss_bytes"].append(rss)
+            print(f"{shape} rep {rep + 1}: {name}: {wall:.2f} s, peak RSS {rss / 1e9:.2f} GB", flush=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    export_bytes = folder_bytes(ref)
+    ckpt_bytes = (run / "checkpoints" / "last.ckpt").stat().st_size
+    summary = {}
+    floor_name = next(iter(contenders))
+    floor = statistics.median(results[floor_name]["wall_s"])
+    peft_name = next((n for n in contenders if n.startswith("PEFT")), None)
+    peft = statistics.median(results[peft_name]["wall_s"]) if peft_name else None
+    for name, r in results.items():
+        wall, rss = statistics.median(r["wall_s"]), statistics.median(r["peak_rss_bytes"])
+        summary[name] = {
+            "median_wall_s": wall,
+            "median_peak_rss_bytes": rss,
+            "vs_floor": wall / floor,
+            "vs_peft_path": wall / peft if peft else None,
+            "rss_vs_export_bytes": rss / export_bytes,
+            "runs": r,
+        }
+    return {
+        "shape": shape,
+        "dims": SHAPES[shape],
+        "checkpoint_bytes": ckpt_bytes,
+        "export_bytes": export_bytes,
+        "contenders": summary,
+    }
+
+
+def machine(device: str) -> dict:
+    import torch
+
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": device,
+    }
+    if device != "cpu" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def table(results: list[dict]) -> str:
+    lines = [
+        "| shape | contender | median wall | x floor | x PEFT path | peak RSS | RSS / export |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for shape in results:
+        for name, c in shape["contenders"].items():
+            peft = f"{c['vs_peft_path']:.2f}" if c["vs_peft_path"] else "-"
+            lines.append(
+                f"| {shape['shape']} | {name} | {c['median_wall_s']:.1f} s | {c['vs_floor']:.2f} | {peft} "
+                f"| {c['median_peak_rss_bytes'] / 1e9:.2f} GB | {c['rss_vs_export_bytes']:.2f} |"
+            )
+    return "\n".join(lines)
+
+
+def chart(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    names = list(dict.fromkeys(n for s in results for n in s["contenders"]))
+    width = 0.8 / max(1, len(results))
+    for i, shape in enumerate(results):
+        xs = [j + i * width for j in range(len(names))]
+        walls = [shape["contenders"].get(n, {}).get("median_wall_s", 0) for n in names]
+        rss = [shape["contenders"].get(n, {}).get("median_peak_rss_bytes", 0) / 1e9 for n in names]
+        axes[0].bar(xs, walls, width, label=shape["shape"])
+        axes[1].bar(xs, rss, width, label=shape["shape"])
+    labels = [n.split(" (")[0].replace("convert ", "convert\n") for n in names]
+    for ax, title in zip(axes, ["median wall time (s)", "median peak RSS (GB)"], strict=True):
+        ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(names))], labels, fontsize=8)
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shapes", nargs="+", default=["qwen3-0.6b", "qwen3-1.7b"], choices=list(SHAPES))
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--build-accelerator", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--no-peft", dest="peft", action="store_false")
+    parser.add_argument("--skip", nargs="*", help="skip contenders whose name contains this")
+    parser.add_argument("--cache", type=Path, default=HERE / "cache")
+    parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--build", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.build:
+        import logging
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        build(args.build, args.cache, args.build_accelerator, args.dtype)
+        return
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    results = [run_shape(shape, args, env) for shape in args.shapes]
+    report = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine(args.device),
+        "reps": args.reps,
+        "shapes": results,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "results" if args.device == "cpu" else f"results-{args.device}"
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / f"{name}.md").write_text(table(results) + "\n")
+    chart(results, args.out / f"{name}.png")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
