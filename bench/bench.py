@@ -65,7 +65,7 @@ def build(shape: str, cache: Path, accelerator: str, dtype: str) -> Path:
 
     root = cache / shape
     run = root / "runs" / shape
-    if (run / "checkpoints" / "last.ckpt").is_file() and (run / "lora_weights").is_dir():
+    if (run / "checkpoints" / "last.ckpt").is_file():
         return run
     shutil.rmtree(root, ignore_errors=True)
     dims = {"vocab": 151936, **SHAPES[shape]}
@@ -74,7 +74,7 @@ def build(shape: str, cache: Path, accelerator: str, dtype: str) -> Path:
     started = time.perf_counter()
     weights = accelerator == "cpu"  # the PEFT path needs base weights; the GPU run starts from a random init
     bases = build_bases(root, tiny, weights=weights, dtype=dtype)
-    spec = RunSpec(name=shape, steps=1, save_top_k=0, accelerator=accelerator, lm_dtype=dtype)
+    spec = RunSpec(name=shape, steps=1, save_top_k=0, accelerator=accelerator, lm_dtype=dtype, save_adapter=weights)
     build_run(root, spec, bases=bases)
     print(f"built {shape} in {time.perf_counter() - started:.0f} s", flush=True)
     return run
@@ -146,6 +146,9 @@ def run_shape(shape: str, args: argparse.Namespace, env: dict[str, str]) -> dict
         "convert --no-verify, full": [*convert, "--no-verify", "--engine", "full"],
         "convert with verification, streaming": [*convert, "--engine", "streaming"],
     }
+    if args.also_cpu and args.device != "cpu":
+        cpu = [py, "-m", "converter", "convert", str(run), "--out", str(dest), "--quiet", "--device", "cpu"]
+        contenders["convert --no-verify, streaming, merge on the CPU"] = [*cpu, "--no-verify", "--engine", "streaming"]
     if args.peft and (args.cache / shape / "bases" / "language_model" / "config.json").is_file():
         base = args.cache / shape / "bases" / "language_model"
         contenders["PEFT path (from_pretrained, merge_and_unload, save_pretrained)"] = [
@@ -265,6 +268,7 @@ def main() -> None:
     parser.add_argument("--build-accelerator", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--no-peft", dest="peft", action="store_false")
+    parser.add_argument("--also-cpu", action="store_true", help="with --device cuda: also time the merge on the CPU")
     parser.add_argument("--skip", nargs="*", help="skip contenders whose name contains this")
     parser.add_argument("--cache", type=Path, default=HERE / "cache")
     parser.add_argument("--out", type=Path, default=HERE)

@@ -14,6 +14,7 @@ Lightning is needed only here (it is in the ``dev`` extra), never by the convert
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -306,6 +307,7 @@ class RunSpec:
     save_top_k: int = 1  # 0: only last.ckpt (large benchmark runs)
     accelerator: str = "cpu"
     lm_dtype: str = "float32"
+    save_adapter: bool = True  # write lora_weights/ (PEFT save_pretrained) after training
 
 
 def build_run(root: Path, spec: RunSpec | None = None, bases: tuple[Path, Path] | None = None) -> Path:
@@ -318,22 +320,9 @@ def build_run(root: Path, spec: RunSpec | None = None, bases: tuple[Path, Path] 
     run_dir = root / "runs" / spec.name
     lightning.seed_everything(spec.seed, verbose=False)
     modules_to_save = list(spec.modules_to_save) if spec.modules_to_save else None
-    if spec.causal_lm:
-        module = _lightning_module_class().causal_lm(
-            str(lm_dir), spec.lora_r, spec.lora_alpha, modules_to_save=modules_to_save
-        )
-    else:
-        module = _lightning_module_class()(
-            vision_name=str(vision_dir),
-            language_model_name=str(lm_dir),
-            lora_r=spec.lora_r,
-            lora_alpha=spec.lora_alpha,
-            adapter_name=spec.adapter_name,
-            modules_to_save=modules_to_save,
-            attribute=spec.attribute,
-            lora_extra=spec.lora_extra,
-            lm_dtype=spec.lm_dtype,
-        )
+    # A large run on a GPU is initialised there (the Trainer would move it anyway).
+    with torch.device("cuda") if spec.accelerator == "gpu" else contextlib.nullcontext():
+        module = _build_module(spec, vision_dir, lm_dir, modules_to_save)
     vision_config = json.loads((vision_dir / "config.json").read_text())
     vocab = json.loads((lm_dir / "config.json").read_text())["vocab_size"]
     size = vision_config["image_size"]
@@ -359,9 +348,26 @@ def build_run(root: Path, spec: RunSpec | None = None, bases: tuple[Path, Path] 
         default_root_dir=run_dir,
     )
     trainer.fit(module, loader)
-    if spec.adapter_step is None:
+    if spec.adapter_step is None and spec.save_adapter:
         module.language_model.save_pretrained(run_dir / "lora_weights")
     return run_dir
+
+
+def _build_module(spec: RunSpec, vision_dir: Path, lm_dir: Path, modules_to_save: list[str] | None):
+    cls = _lightning_module_class()
+    if spec.causal_lm:
+        return cls.causal_lm(str(lm_dir), spec.lora_r, spec.lora_alpha, modules_to_save=modules_to_save)
+    return cls(
+        vision_name=str(vision_dir),
+        language_model_name=str(lm_dir),
+        lora_r=spec.lora_r,
+        lora_alpha=spec.lora_alpha,
+        adapter_name=spec.adapter_name,
+        modules_to_save=modules_to_save,
+        attribute=spec.attribute,
+        lora_extra=spec.lora_extra,
+        lm_dtype=spec.lm_dtype,
+    )
 
 
 def load_trained_module(run_dir: Path, ckpt: str = "last.ckpt"):

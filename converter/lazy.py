@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import struct
+import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,12 +90,16 @@ def safetensors_spans(path: Path) -> dict[str, Span]:
 class SpanReader:
     """Reads spans with ``os.pread``; verifies each zip record's CRC-32 the first time it is read whole."""
 
-    def __init__(self, chunk_bytes: int = 64 << 20, pin: bool = False) -> None:
+    def __init__(self, chunk_bytes: int = 32 << 20, pin: bool = False) -> None:
         self.chunk_bytes = chunk_bytes
         self.pin = pin and torch.cuda.is_available()
         self._fds: dict[Path, int] = {}
         self.checked: set[tuple[Path, str]] = set()
         self.bytes_read = 0
+        # Chunk buffers handed back by release(): reusing them avoids faulting in fresh pages for every chunk.
+        self._free: list[torch.Tensor] = []
+        self._lent: dict[int, torch.Tensor] = {}
+        self._lock = threading.Lock()
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -122,12 +127,33 @@ class SpanReader:
             done += n
         self.bytes_read += done
 
-    def rows(self, span: Span, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` of the tensor (the whole tensor for a 0-d one), as a new CPU tensor."""
+    def rows(self, span: Span, start: int, stop: int, pooled: bool = False) -> torch.Tensor:
+        """Rows ``start:stop`` of the tensor (the whole tensor for a 0-d one), as a CPU tensor.
+
+        ``pooled``: the tensor may live in a reused chunk buffer; hand it back with ``release`` once consumed.
+        """
         shape = (stop - start, *span.shape[1:]) if span.shape else ()
-        out = torch.empty(shape, dtype=span.dtype, pin_memory=self.pin)
+        nbytes = _numel(shape) * span.dtype.itemsize
+        out = None
+        if pooled and 0 < nbytes <= self.chunk_bytes:
+            with self._lock:
+                buf = self._free.pop() if self._free else None
+            if buf is None:
+                buf = torch.empty(self.chunk_bytes, dtype=torch.uint8, pin_memory=self.pin)
+            out = buf[:nbytes].view(span.dtype).view(shape)
+            with self._lock:
+                self._lent[buf.data_ptr()] = buf
+        if out is None:
+            out = torch.empty(shape, dtype=span.dtype, pin_memory=self.pin)
         self._pread_into(span, out, span.offset + start * span.row_bytes)
         return out
+
+    def release(self, tensor: torch.Tensor) -> None:
+        """Give back a pooled chunk (no-op for any other tensor); safe to call from another thread."""
+        with self._lock:
+            buf = self._lent.pop(tensor.untyped_storage().data_ptr(), None)
+            if buf is not None and len(self._free) < 4:
+                self._free.append(buf)
 
     def read(self, span: Span) -> torch.Tensor:
         """The whole tensor; its record's CRC-32 is checked when the span covers the record."""
@@ -136,15 +162,18 @@ class SpanReader:
         self._check_whole(span, tensor)
         return tensor
 
-    def chunks(self, span: Span) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """``(start, stop, rows)`` over the tensor in pieces of at most ``chunk_bytes``; checks the CRC-32."""
+    def chunks(self, span: Span, pooled: bool = False) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``(start, stop, rows)`` over the tensor in pieces of at most ``chunk_bytes``; checks the CRC-32.
+
+        ``pooled``: pieces are pooled chunk buffers that the consumer hands back with ``release``.
+        """
         total = span.shape[0] if span.shape else 1
         step = max(1, self.chunk_bytes // max(1, span.row_bytes))
         covers = self._covers(span)
         crc = 0
         for start in range(0, total, step):
             stop = min(total, start + step)
-            piece = self.rows(span, start, stop) if span.shape else self.rows(span, 0, 1)
+            piece = self.rows(span, start, stop, pooled) if span.shape else self.rows(span, 0, 1)
             if covers:
                 crc = zlib.crc32(memoryview(piece.view(torch.uint8).numpy()) if piece.numel() else b"", crc)
             yield start, stop, piece
@@ -202,13 +231,15 @@ def chunked_equal(reader: SpanReader, a: Span, b: Span) -> tuple[bool, float]:
         return False, float("inf")
     narrow = a.dtype if a.dtype.itemsize <= b.dtype.itemsize else b.dtype
     equal, diff = True, 0.0
-    for start, stop, x in reader.chunks(a):
-        y = reader.rows(b, start, stop) if b.shape else reader.rows(b, 0, 1)
+    for start, stop, x in reader.chunks(a, pooled=True):
+        y = reader.rows(b, start, stop, pooled=True) if b.shape else reader.rows(b, 0, 1)
         if not torch.equal(x.to(narrow), y.to(narrow)):
             equal = False
             if x.is_floating_point() or y.is_floating_point():
                 diff = max(diff, float((x.float() - y.float()).abs().max()))
             else:
                 diff = float("inf")
+        reader.release(x)
+        reader.release(y)
     reader.check_record(b)
     return equal, diff

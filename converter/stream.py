@@ -15,9 +15,11 @@ report, without reading data).
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
+import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -45,7 +47,13 @@ class SafetensorsStream:
     """Writes a safetensors file whose tensors are known up front; bytes are appended in header order by a
     background thread, which also computes the file's sha256."""
 
-    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict) -> None:
+    def __init__(
+        self,
+        path: Path,
+        entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+        metadata: dict,
+        release: Any = None,
+    ) -> None:
         header: dict[str, Any] = {"__metadata__": metadata}
         offset = 0
         self.order = []
@@ -63,6 +71,7 @@ class SafetensorsStream:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         self.path, self.sha = path, hashlib.sha256()
+        self._release = release or (lambda tensor: None)
         self._fh = open(path, "wb")  # noqa: SIM115 - closed in close()
         self._queue: queue.Queue = queue.Queue(maxsize=4)
         self._error: BaseException | None = None
@@ -82,6 +91,14 @@ class SafetensorsStream:
                     self.sha.update(data)
                 except BaseException as exc:  # noqa: BLE001 - handed to the producing thread
                     self._error = exc
+            if isinstance(block, torch.Tensor):
+                self._release(block)
+        if self._error is None:
+            try:  # flush this file to disk now, while the next one is produced
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+            except BaseException as exc:  # noqa: BLE001
+                self._error = exc
 
     def _put(self, block: Any) -> None:
         if self._error is not None:
@@ -99,20 +116,20 @@ class SafetensorsStream:
         self._left -= piece.numel() * piece.element_size()
         self._put(piece)
 
-    def close(self) -> str:
-        """Finish the file (fsync) and return its sha256; raise the writer's error if there was one."""
+    def finish(self) -> None:
+        """No more tensors: the background thread writes what is queued, then fsyncs the file."""
         self._queue.put(None)
+
+    def close(self) -> str:
+        """Wait for the file to be written and fsynced; return its sha256; raise the writer's error if any."""
         self._thread.join()
-        try:
-            if self._error is None:
-                self._fh.flush()
-        finally:
-            self._fh.close()
+        self._fh.close()
         if self._error is not None:
             raise self._error
         return self.sha.hexdigest()
 
     def abort(self) -> None:
+        self._error = self._error or RuntimeError("aborted")
         self._queue.put(None)
         self._thread.join()
         self._fh.close()
@@ -127,10 +144,24 @@ def _probe(base: torch.nn.Module, device: torch.device, generator: torch.Generat
     return torch.randn(8, fan_in, generator=generator).to(device)
 
 
+def _return_freed_memory_to_the_os() -> None:
+    """Have glibc serve buffers of 1 MiB and more with mmap, so that freeing them returns the memory at once.
+
+    Without it glibc's dynamic threshold moves blocks of the sizes this engine churns through (a layer's weights,
+    a chunk) onto the heap, where freed memory stays resident and the process grows with every layer.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 class StreamingWriter:
     """Writes one HF part with the streaming engine."""
 
     def __init__(self, part: HFPart, reader: SpanReader, verify: bool) -> None:
+        _return_freed_memory_to_the_os()
         self.part, self.reader, self.verify = part, reader, verify
         self.ctx = part.ctx
         self.dtype_override = part.out_dtype()
@@ -157,10 +188,10 @@ class StreamingWriter:
         span = self.part.source_span(rel)
         return self.reader.read(span) if span is not None else self.part.source_tensor(rel)
 
-    def _chunks(self, rel: str) -> Iterator[torch.Tensor]:
+    def _chunks(self, rel: str, pooled: bool = False) -> Iterator[torch.Tensor]:
         span = self.part.source_span(rel)
         if span is not None:
-            for _, _, piece in self.reader.chunks(span):
+            for _, _, piece in self.reader.chunks(span, pooled):
                 yield piece
         else:
             yield self._whole(rel)
@@ -226,16 +257,23 @@ class StreamingWriter:
             disable=not self.ctx.progress,
             leave=False,
         )
-        for filename, names in split.filename_to_tensors.items():
-            stream = SafetensorsStream(folder / filename, [(n, *shapes[n]) for n in names], {"format": "pt"})
-            try:
+        streams: dict[str, SafetensorsStream] = {}
+        try:
+            for filename, names in split.filename_to_tensors.items():
+                entries = [(n, *shapes[n]) for n in names]
+                stream = streams[filename] = SafetensorsStream(
+                    folder / filename, entries, {"format": "pt"}, self.reader.release
+                )
                 for name in names:
                     self._write_tensor(stream, name, shapes[name][0])
                     bar.update()
+                stream.finish()  # its thread completes and fsyncs it while the next file is produced
+            for filename, stream in streams.items():
                 self.sha[filename] = stream.close()
-            except BaseException:
+        except BaseException:
+            for stream in streams.values():
                 stream.abort()
-                raise
+            raise
         bar.close()
         if split.is_sharded:
             index = {"metadata": {**split.metadata, "format": "pt"}, "weight_map": split.tensor_to_filename}
@@ -246,8 +284,11 @@ class StreamingWriter:
         if name in self.of_module:
             stream.write(name, self._merged_tensor(name))
             return
-        for piece in self._chunks(self.part.plain[name]):
-            stream.write(name, check_finite(name, piece, piece.to(dtype), self.ctx.checkpoint_path))
+        for piece in self._chunks(self.part.plain[name], pooled=True):
+            out = check_finite(name, piece, piece.to(dtype), self.ctx.checkpoint_path)
+            if out.data_ptr() != piece.data_ptr():
+                self.reader.release(piece)  # cast into a new tensor: the chunk buffer is free already
+            stream.write(name, out)
 
     # --- verification --------------------------------------------------------------------------------------
     def verify_written(self, folder: Path) -> dict[str, Any]:
@@ -261,13 +302,19 @@ class StreamingWriter:
         for name, span in written.items():
             if name in self.of_module:
                 continue
-            source = self._chunks(part.plain[name])
             offset = 0
-            for piece in source:
+            for piece in self._chunks(part.plain[name], pooled=True):
                 rows = piece.shape[0] if piece.dim() else 1
-                back = self.reader.rows(span, offset, offset + rows) if span.shape else self.reader.rows(span, 0, 1)
+                back = (
+                    self.reader.rows(span, offset, offset + rows, pooled=True)
+                    if span.shape
+                    else self.reader.rows(span, 0, 1)
+                )
                 offset += rows
-                if not torch.equal(back, piece.to(span.dtype).reshape(back.shape)):
+                same = torch.equal(back, piece.to(span.dtype).reshape(back.shape))
+                self.reader.release(piece)
+                self.reader.release(back)
+                if not same:
                     raise ConvertError(f"{folder}: {name} was not written exactly; the disk may be failing")
             exact += 1
         worst = max(self.module_checks, default=0.0)
