@@ -230,6 +230,7 @@ def _convert(opts: ConvertOptions, prepared: Prepared) -> dict[str, Any]:
             if opts.verify:
                 log.info("verifying %s", part.comp.name)
                 part.verify(folder)
+        reader.wait_crc()  # every CRC-32 of what was read must hold before anything is committed
         source["checkpoint"]["sha256"] = hasher.result()
         manifest = _manifest(summary, parts, split, opts)
         _write_model_card(stage, manifest, parts)

@@ -149,6 +149,7 @@ def _lightning_module_class():  # imported lazily: lightning is a dev dependency
             lr: float = 5e-3,
             lora_extra: dict[str, Any] | None = None,
             lm_dtype: str = "float32",
+            optimizer: str = "adamw",
         ) -> None:
             super().__init__()
             self.save_hyperparameters()
@@ -183,6 +184,8 @@ def _lightning_module_class():  # imported lazily: lightning is a dev dependency
 
         def configure_optimizers(self):
             params = [p for p in self.parameters() if p.requires_grad]
+            if self.hparams.get("optimizer", "adamw") == "sgd":  # no optimizer state: large benchmark shapes
+                return torch.optim.SGD(params, lr=self.hparams.lr)
             return torch.optim.AdamW(params, lr=self.hparams.lr)
 
     class CausalLMModule(lightning.LightningModule):
@@ -308,6 +311,7 @@ class RunSpec:
     accelerator: str = "cpu"
     lm_dtype: str = "float32"
     save_adapter: bool = True  # write lora_weights/ (PEFT save_pretrained) after training
+    optimizer: str = "adamw"  # "sgd" keeps no optimizer state (for shapes whose AdamW state does not fit in RAM)
 
 
 def build_run(root: Path, spec: RunSpec | None = None, bases: tuple[Path, Path] | None = None) -> Path:
@@ -367,6 +371,7 @@ def _build_module(spec: RunSpec, vision_dir: Path, lm_dir: Path, modules_to_save
         attribute=spec.attribute,
         lora_extra=spec.lora_extra,
         lm_dtype=spec.lm_dtype,
+        optimizer=spec.optimizer,
     )
 
 

@@ -15,6 +15,7 @@ import struct
 import threading
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -94,17 +95,31 @@ class SpanReader:
         self.chunk_bytes = chunk_bytes
         self.pin = pin and torch.cuda.is_available()
         self._fds: dict[Path, int] = {}
-        self.checked: set[tuple[Path, str]] = set()
         self.bytes_read = 0
         # Chunk buffers handed back by release(): reusing them avoids faulting in fresh pages for every chunk.
         self._free: list[torch.Tensor] = []
         self._lent: dict[int, torch.Tensor] = {}
+        self._refs: dict[int, int] = {}
         self._lock = threading.Lock()
+        # CRC-32s run on a worker thread, in submission order; wait_crc() collects the verdicts.
+        self._crc_worker: ThreadPoolExecutor | None = None
+        self._crc_state: dict[tuple[Path, str], int] = {}
+        self._crc_pending: list[Future] = []
+        self._claimed: set[tuple[Path, str]] = set()
 
     def close(self) -> None:
+        if self._crc_worker is not None:
+            self._crc_worker.shutdown(wait=True, cancel_futures=True)
+            self._crc_worker = None
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+    def wait_crc(self) -> None:
+        """Wait for the CRC-32 checks submitted so far; raise ConvertError for the first record that failed."""
+        pending, self._crc_pending = self._crc_pending, []
+        for future in pending:
+            future.result()
 
     def __enter__(self) -> SpanReader:
         return self
@@ -143,23 +158,61 @@ class SpanReader:
             out = buf[:nbytes].view(span.dtype).view(shape)
             with self._lock:
                 self._lent[buf.data_ptr()] = buf
+                self._refs[buf.data_ptr()] = 1
         if out is None:
             out = torch.empty(shape, dtype=span.dtype, pin_memory=self.pin)
         self._pread_into(span, out, span.offset + start * span.row_bytes)
         return out
 
     def release(self, tensor: torch.Tensor) -> None:
-        """Give back a pooled chunk (no-op for any other tensor); safe to call from another thread."""
+        """Give back a pooled chunk once every holder has (no-op for any other tensor); thread-safe."""
+        ptr = tensor.untyped_storage().data_ptr()
         with self._lock:
-            buf = self._lent.pop(tensor.untyped_storage().data_ptr(), None)
-            if buf is not None and len(self._free) < 4:
+            if ptr not in self._lent:
+                return
+            self._refs[ptr] -= 1
+            if self._refs[ptr] > 0:
+                return
+            del self._refs[ptr]
+            buf = self._lent.pop(ptr)
+            if len(self._free) < 4:
                 self._free.append(buf)
+
+    def _hold(self, tensor: torch.Tensor) -> None:
+        ptr = tensor.untyped_storage().data_ptr()
+        with self._lock:
+            if ptr in self._lent:
+                self._refs[ptr] += 1
+
+    def _crc_async(self, span: Span, piece: torch.Tensor, first: bool, last: bool) -> None:
+        """Fold ``piece`` into its record's CRC-32 on the worker thread; check the record after its last piece."""
+        key = (span.path, span.record.name)
+        self._hold(piece)
+
+        def step() -> None:
+            try:
+                data = memoryview(piece.view(torch.uint8).numpy()) if piece.numel() else b""
+                crc = zlib.crc32(data, 0 if first else self._crc_state[key])
+                if last:
+                    self._crc_state.pop(key, None)
+                    self._verify(span, crc)
+                else:
+                    self._crc_state[key] = crc
+            finally:
+                self.release(piece)
+
+        if self._crc_worker is None:
+            self._crc_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt2hf-crc")
+        self._crc_pending.append(self._crc_worker.submit(step))
 
     def read(self, span: Span) -> torch.Tensor:
         """The whole tensor; its record's CRC-32 is checked when the span covers the record."""
         rows = span.shape[0] if span.shape else 1
         tensor = self.rows(span, 0, rows)
-        self._check_whole(span, tensor)
+        if self._covers(span):
+            self._crc_async(span, tensor, first=True, last=True)
+        else:
+            self.check_record(span)
         return tensor
 
     def chunks(self, span: Span, pooled: bool = False) -> Iterator[tuple[int, int, torch.Tensor]]:
@@ -170,38 +223,35 @@ class SpanReader:
         total = span.shape[0] if span.shape else 1
         step = max(1, self.chunk_bytes // max(1, span.row_bytes))
         covers = self._covers(span)
-        crc = 0
         for start in range(0, total, step):
             stop = min(total, start + step)
             piece = self.rows(span, start, stop, pooled) if span.shape else self.rows(span, 0, 1)
             if covers:
-                crc = zlib.crc32(memoryview(piece.view(torch.uint8).numpy()) if piece.numel() else b"", crc)
+                self._crc_async(span, piece, first=start == 0, last=stop == total)
             yield start, stop, piece
-        if covers:
-            self._verify(span, crc)
-        else:
+        if not covers:
             self.check_record(span)
 
     def _covers(self, span: Span) -> bool:
+        """True (and the record claimed) when this read covers a record whose CRC-32 nobody checks yet."""
         r = span.record
-        return (
-            r is not None
-            and (span.path, r.name) not in self.checked
-            and span.offset == r.offset
-            and span.nbytes == r.nbytes
-        )
-
-    def _check_whole(self, span: Span, tensor: torch.Tensor) -> None:
-        if self._covers(span):
-            self._verify(span, zlib.crc32(memoryview(tensor.view(torch.uint8).numpy()) if tensor.numel() else b""))
-        else:
-            self.check_record(span)
+        if r is None or span.offset != r.offset or span.nbytes != r.nbytes:
+            return False
+        with self._lock:
+            if (span.path, r.name) in self._claimed:
+                return False
+            self._claimed.add((span.path, r.name))
+        return True
 
     def check_record(self, span: Span) -> None:
         """CRC-32 of the span's whole record, read in chunks (for tensors that share or cover part of it)."""
         r = span.record
-        if r is None or (span.path, r.name) in self.checked:
+        if r is None:
             return
+        with self._lock:
+            if (span.path, r.name) in self._claimed:
+                return
+            self._claimed.add((span.path, r.name))
         crc, done = 0, 0
         while done < r.nbytes:
             n = min(self.chunk_bytes, r.nbytes - done)
@@ -219,7 +269,6 @@ class SpanReader:
                 f"{span.path}: tensor data in {r.name} fails its CRC-32 check (stored {r.crc:08x}, computed "
                 f"{crc:08x}); the file is corrupt; re-copy it"
             )
-        self.checked.add((span.path, r.name))
 
 
 def chunked_equal(reader: SpanReader, a: Span, b: Span) -> tuple[bool, float]:

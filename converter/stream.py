@@ -45,7 +45,7 @@ INDEX = "model.safetensors.index.json"
 
 class SafetensorsStream:
     """Writes a safetensors file whose tensors are known up front; bytes are appended in header order by a
-    background thread, which also computes the file's sha256."""
+    background writer thread, and hashed (sha256) by a second one, so neither pass holds up the producer."""
 
     def __init__(
         self,
@@ -74,31 +74,42 @@ class SafetensorsStream:
         self._release = release or (lambda tensor: None)
         self._fh = open(path, "wb")  # noqa: SIM115 - closed in close()
         self._queue: queue.Queue = queue.Queue(maxsize=4)
+        self._hash_queue: queue.Queue = queue.Queue(maxsize=4)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._hasher = threading.Thread(target=self._hash, daemon=True)
         self._thread.start()
+        self._hasher.start()
         self._put(len(raw).to_bytes(8, "little") + raw)
         self._expected = iter(self.order)
         self._current: tuple[str, int] | None = None
         self._left = 0
 
+    @staticmethod
+    def _bytes(block: Any) -> Any:
+        return memoryview(block.view(torch.uint8).numpy()) if isinstance(block, torch.Tensor) else block
+
     def _drain(self) -> None:
         while (block := self._queue.get()) is not None:
             if self._error is None:
                 try:
-                    data = memoryview(block.view(torch.uint8).numpy()) if isinstance(block, torch.Tensor) else block
-                    self._fh.write(data)
-                    self.sha.update(data)
+                    self._fh.write(self._bytes(block))
                 except BaseException as exc:  # noqa: BLE001 - handed to the producing thread
                     self._error = exc
-            if isinstance(block, torch.Tensor):
-                self._release(block)
+            self._hash_queue.put(block)
+        self._hash_queue.put(None)
         if self._error is None:
             try:  # flush this file to disk now, while the next one is produced
                 self._fh.flush()
                 os.fsync(self._fh.fileno())
             except BaseException as exc:  # noqa: BLE001
                 self._error = exc
+
+    def _hash(self) -> None:
+        while (block := self._hash_queue.get()) is not None:
+            self.sha.update(self._bytes(block))
+            if isinstance(block, torch.Tensor):
+                self._release(block)
 
     def _put(self, block: Any) -> None:
         if self._error is not None:
@@ -123,6 +134,7 @@ class SafetensorsStream:
     def close(self) -> str:
         """Wait for the file to be written and fsynced; return its sha256; raise the writer's error if any."""
         self._thread.join()
+        self._hasher.join()
         self._fh.close()
         if self._error is not None:
             raise self._error
@@ -132,6 +144,7 @@ class SafetensorsStream:
         self._error = self._error or RuntimeError("aborted")
         self._queue.put(None)
         self._thread.join()
+        self._hasher.join()
         self._fh.close()
 
 
@@ -209,7 +222,8 @@ class StreamingWriter:
         state = {}
         for name in layer.state_dict():
             rel = f"{PEFT_PREFIX}{module}.{name}"
-            state[name] = self._whole(rel).to(self.device, torch.float32, non_blocking=True)
+            # copy=True: merge() adds into the base weight in place, and its bytes may still be in a CRC-32 check
+            state[name] = self._whole(rel).to(self.device, torch.float32, non_blocking=True, copy=True)
         layer.load_state_dict(state, assign=True, strict=True)
         base = layer.get_base_layer()
         with torch.no_grad():
