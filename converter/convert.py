@@ -117,7 +117,7 @@ def prepare(opts: ConvertOptions) -> Prepared:
         progress=opts.progress,
         run=inputs.run,
         spans=checkpoint.spans,
-        reader=SpanReader(pin=opts.device != "cpu"),
+        reader=SpanReader(),  # pageable buffers: pinning each chunk costs more than the copies it speeds up
     )
     try:
         return _prepare_parts(opts, inputs, checkpoint, config, split, ctx)
