@@ -121,6 +121,11 @@ def _print_result(manifest: dict[str, Any]) -> None:
         figures = []
         if "max_abs_logit_diff" in check:
             figures.append(f"max abs logit diff {check['max_abs_logit_diff']:.3g} (tol {check['tolerance']:.3g})")
+        if check.get("layers_checked"):
+            figures.append(
+                f"{check['layers_checked']} merged layers checked, max rel diff "
+                f"{check['max_rel_layer_output_diff']:.3g} (tol {check['layer_tolerance']:.3g})"
+            )
         if "exact_tensors" in check:
             figures.append(f"{check['exact_tensors']} tensors exact")
         print(f"  {name:<16} {comp['path'] + '/':<18} {comp['tensors']:>6} tensors  {'; '.join(figures)}")

@@ -85,18 +85,6 @@ def lora_config_from(
     return cfg, "hyper_parameters"
 
 
-class _Shapes(dict):
-    """The adapter folder's tensor shapes by key, from its spans (no data read)."""
-
-    def __init__(self, adapter: AdapterFolder) -> None:
-        super().__init__({k: _Shape(s.shape) for k, s in adapter.spans.items()})
-
-
-@dataclasses.dataclass(frozen=True)
-class _Shape:
-    shape: tuple[int, ...]
-
-
 @dataclasses.dataclass
 class SourceComparison:
     equal: bool
@@ -147,11 +135,11 @@ def compare_sources(
             ours[akey] = tensor
             if spans is not None and key in spans:
                 our_spans[akey] = spans[key]
-    theirs = _Shapes(adapter)
+    theirs = {k: span.shape for k, span in adapter.spans.items()}  # shapes from the header: no data read
     differing, max_diff, reshaped = [], 0.0, []
     for key in sorted(ours.keys() & theirs.keys()):
-        if tuple(ours[key].shape) != tuple(theirs[key].shape):
-            reshaped.append(f"{key} {tuple(ours[key].shape)} vs {tuple(theirs[key].shape)}")
+        if tuple(ours[key].shape) != theirs[key]:
+            reshaped.append(f"{key} {tuple(ours[key].shape)} vs {theirs[key]}")
             differing.append(key)
             continue
         if reader is not None and key in our_spans and key in adapter.spans:

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from . import unpickle
 from .errors import ConvertError
-from .lazy import Span, safetensors_spans, span_of
+from .lazy import Span, SpanReader, safetensors_spans, span_of
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def read_checkpoint(path: Path, verify_crc: bool = True) -> Checkpoint:
     """Open a Lightning checkpoint, a plain torch state_dict or a safetensors file, lazily.
 
     ``verify_crc`` checks the zip's CRC-32 of every record behind the state_dict's tensors (one read of the
-    weights, not of the optimizer states).
+    weights, not of the optimizer states); the conversion engines instead check what they read as they read it.
     """
     path = Path(path)
     if not path.is_file():
@@ -170,8 +170,10 @@ def read_checkpoint(path: Path, verify_crc: bool = True) -> Checkpoint:
         raise ConvertError(f"{path}: state_dict entry {bad[0]!r} is not a tensor")
     if loaded is not None:
         ckpt.spans = {k: s for k, t in ckpt.tensors.items() if (s := span_of(t, path, loaded.records)) is not None}
-    if verify_crc and loaded is not None:
-        unpickle.crc_check(path, loaded, ckpt.tensors)
+    if verify_crc:
+        with SpanReader() as reader:
+            for span in ckpt.spans.values():
+                reader.check_record(span)
     return ckpt
 
 

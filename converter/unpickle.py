@@ -12,7 +12,7 @@ How it works (after torch's ``weights_only`` unpickler and mergekit's lazy unpic
   classes (an ``argparse.Namespace``, a ``pathlib`` path, an OmegaConf container, a class that no longer exists)
   are benign: they stay as placeholders and are reported, so the weights still convert.
 - Tensor data is memory-mapped straight from the zip records (torch writes them uncompressed), so nothing is read
-  until a tensor is touched; ``crc_check`` verifies the zip's CRC-32 of the records behind chosen tensors.
+  until a tensor is touched; ``Loaded.records`` says where each record is and the CRC-32 the zip stores for it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import _compat_pickle
 import builtins
 import dataclasses
 import io
-import mmap
 import pickle
 import pickletools
 import struct
@@ -401,30 +400,3 @@ def load(path: Path) -> Loaded:
         cls = item if isinstance(item, type) else type(item)
         placeholders.append((where, cls._global))
     return Loaded(obj, placeholders, records)
-
-
-def crc_check(path: Path, loaded: Loaded, tensors: Mapping[str, torch.Tensor]) -> int:
-    """Verify the zip's CRC-32 for every record behind ``tensors``; return how many records were checked."""
-    wanted: dict[str, Record] = {}
-    for tensor in tensors.values():
-        record = loaded.records.get(tensor.untyped_storage().data_ptr())
-        if record is not None:
-            wanted[record.name] = record
-    if not wanted:
-        return 0
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        view = memoryview(mm)
-        try:
-            for record in wanted.values():
-                crc = 0
-                for start in range(record.offset, record.offset + record.nbytes, 64 << 20):
-                    end = min(start + (64 << 20), record.offset + record.nbytes)
-                    crc = zlib.crc32(view[start:end], crc)
-                if crc != record.crc:
-                    raise ConvertError(
-                        f"{path}: tensor data in {record.name} fails its CRC-32 check (stored {record.crc:08x}, "
-                        f"computed {crc:08x}); the file is corrupt; re-copy it"
-                    )
-        finally:
-            view.release()
-    return len(wanted)
