@@ -146,11 +146,13 @@ def copy_support_files(base: Path, folder: Path) -> list[str]:
     return copied
 
 
-def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
+def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+    """sha256 of a file, read unbuffered into one reused buffer (no per-chunk allocation)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
+    view = memoryview(bytearray(chunk))
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(view):
+            digest.update(view[:n])
     return digest.hexdigest()
 
 
