@@ -456,7 +456,6 @@ class HFPart(Part):
         for k, t in _progress(state, "casting " + self.comp.name, self.ctx.progress).items():
             out[k] = check_finite(k, t, _cast(t, dtype) if dtype else t, self.ctx.checkpoint_path).to("cpu")
             out[k] = out[k].contiguous()
-        self.written_keys = sorted(out)
         write_hf_weights(folder, out, self.ctx.max_shard_size)
         del out, state
         self._write_config(folder)

@@ -24,10 +24,6 @@ class Component:
     out: str
     base: tuple[str, ...] = ()  # hyper_parameters entries that may name the base config's folder or hub id
 
-    @property
-    def is_hf(self) -> bool:
-        return self.kind in ("hf_causal_lm", "hf_model")
-
 
 @dataclasses.dataclass(frozen=True)
 class DropRule:

@@ -95,7 +95,6 @@ class SpanReader:
         self.chunk_bytes = chunk_bytes
         self.pin = pin and torch.cuda.is_available()
         self._fds: dict[Path, int] = {}
-        self.bytes_read = 0
         # Chunk buffers handed back by release(): reusing them avoids faulting in fresh pages for every chunk.
         self._free: list[torch.Tensor] = []
         self._lent: dict[int, torch.Tensor] = {}
@@ -140,7 +139,6 @@ class SpanReader:
             if n <= 0:
                 raise ConvertError(f"{span.path}: ends before the tensor data at byte {offset + done}; truncated")
             done += n
-        self.bytes_read += done
 
     def rows(self, span: Span, start: int, stop: int, pooled: bool = False) -> torch.Tensor:
         """Rows ``start:stop`` of the tensor (the whole tensor for a 0-d one), as a CPU tensor.
