@@ -6,6 +6,7 @@ Bad input (a ConvertError) is one line on stderr and exit code 2; ``--debug`` sh
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -131,8 +132,49 @@ def _print_result(manifest: dict[str, Any]) -> None:
         print(f"  {name:<16} {comp['path'] + '/':<18} {comp['tensors']:>6} tensors  {'; '.join(figures)}")
 
 
+def _prefetch_source_hash(args: argparse.Namespace) -> None:
+    """Start hashing the checkpoint now: it runs on another core while torch, transformers and PEFT import."""
+    from .discover import find_inputs
+    from .hashing import prefetch
+
+    try:
+        inputs = find_inputs(args.run, args.ckpt, args.adapter_dir)
+    except ConvertError:
+        return  # convert() reports it
+    prefetch(inputs.checkpoint)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; return the exit status (0, 1 for verify differences, 2 for bad input, 130 on Ctrl-C)."""
+    # Buffers of 2 MB and more on transparent huge pages: a conversion fills gigabytes of fresh buffers, and a
+    # fault per 4 KB page costs more than the copy into it. (torch reads this at its first allocation.)
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    # OpenMP threads that spin between torch's parallel regions take the cores the hash and writer threads need.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
+    # Imports and model building allocate millions of long-lived objects; the cyclic collector would traverse
+    # them again and again for nothing (seconds of a conversion). Tensors are freed by reference counting.
+    gc.disable()
+    try:
+        return _main(args)
+    finally:
+        from .hashing import cancel_prefetched
+
+        cancel_prefetched()
+        gc.enable()
+
+
+def run() -> None:
+    """The console entry point: ``main()``, then exit. The objects left are handed to the OS as they are
+    (``gc.freeze``): the interpreter's final collection would walk every object the imports created, for nothing."""
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.command == "convert" and not args.dry_run:
+        _prefetch_source_hash(args)
     _setup_logging(args.quiet, args.debug)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # configs come from local folders or the local cache only
     try:
@@ -193,4 +235,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -20,10 +20,11 @@ from .components import PART_KINDS, Context, Part
 from .config import LayoutConfig, load_config
 from .discover import RunInputs, find_inputs
 from .errors import ConvertError
+from .hashing import take as take_source_hash
 from .keymap import Split, split_components
 from .lazy import SpanReader
 from .reader import Checkpoint, read_checkpoint
-from .writer import file_records, sha256_file, staged_output
+from .writer import file_records, staged_output
 
 log = logging.getLogger(__name__)
 
@@ -214,54 +215,33 @@ def _convert(opts: ConvertOptions, prepared: Prepared) -> dict[str, Any]:
         summary["out"] = str(out)
         return summary
     reader = prepared.reader
-    hasher = _BackgroundHash(inputs.checkpoint)
-    if opts.verify_crc and engine == "full":
-        for span in prepared.checkpoint.spans.values():
-            reader.check_record(span)
-
-    with staged_output(out, opts.force) as stage:
-        known: dict[str, str] = {}
-        for part in parts:
-            folder = stage / part.comp.out if part.comp.out else stage
-            log.info("writing %s (%s engine)", part.comp.name, engine)
-            part.write(folder, reference=opts.verify, engine=engine)
-            for name, digest in getattr(part, "written_hashes", {}).items():
-                known[f"{part.comp.out}/{name}" if part.comp.out else name] = digest
-            if opts.verify:
-                log.info("verifying %s", part.comp.name)
-                part.verify(folder)
-        reader.wait_crc()  # every CRC-32 of what was read must hold before anything is committed
-        source["checkpoint"]["sha256"] = hasher.result()
-        manifest = _manifest(summary, parts, split, opts)
-        _write_model_card(stage, manifest, parts)
-        manifest["files"] = file_records(stage, known)
-        (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    hasher = take_source_hash(inputs.checkpoint)  # usually started by the CLI before the heavy imports
+    try:
+        if opts.verify_crc and engine == "full":
+            for span in prepared.checkpoint.spans.values():
+                reader.check_record(span)
+        with staged_output(out, opts.force) as stage:
+            known: dict[str, str] = {}
+            for part in parts:
+                folder = stage / part.comp.out if part.comp.out else stage
+                log.info("writing %s (%s engine)", part.comp.name, engine)
+                part.write(folder, reference=opts.verify, engine=engine)
+                for name, digest in getattr(part, "written_hashes", {}).items():
+                    known[f"{part.comp.out}/{name}" if part.comp.out else name] = digest
+                if opts.verify:
+                    log.info("verifying %s", part.comp.name)
+                    part.verify(folder)
+            reader.wait_crc()  # every CRC-32 of what was read must hold before anything is committed
+            source["checkpoint"]["sha256"] = hasher.result()
+            manifest = _manifest(summary, parts, split, opts)
+            _write_model_card(stage, manifest, parts)
+            manifest["files"] = file_records(stage, known)
+            (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    except BaseException:
+        hasher.cancel()
+        raise
     manifest["out"] = str(out)
     return manifest
-
-
-class _BackgroundHash:
-    """sha256 of the source checkpoint, computed in a thread while the conversion runs."""
-
-    def __init__(self, path: Path) -> None:
-        import threading
-
-        self._digest: str | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(path,), daemon=True)
-        self._thread.start()
-
-    def _run(self, path: Path) -> None:
-        try:
-            self._digest = sha256_file(path)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in result()
-            self._error = exc
-
-    def result(self) -> str:
-        self._thread.join()
-        if self._error is not None:
-            raise ConvertError(f"cannot read the checkpoint to hash it ({self._error})")
-        return self._digest
 
 
 def _relative(path: Path, root: Path) -> str:

@@ -1,4 +1,7 @@
-"""Finding a run's inputs: which checkpoint and which adapter folder a conversion uses."""
+"""Finding a run's inputs: which checkpoint and which adapter folder a conversion uses.
+
+Importing this module does not import torch (the CLI finds the checkpoint before the heavy imports).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,6 @@ import logging
 from pathlib import Path
 
 from .errors import ConvertError
-from .reader import _torch_load
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,8 @@ class RunInputs:
 
 def _global_step(path: Path) -> int:
     """A checkpoint's global_step, read from its metadata (memory-mapped; tensors are not read)."""
+    from .reader import _torch_load  # torch is imported only when this is needed
+
     obj = _torch_load(path)
     step = obj.get("global_step") if isinstance(obj, dict) else None
     return int(step) if isinstance(step, int) else -1

@@ -9,7 +9,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from .errors import ConvertError
-from .writer import sha256_file
+from .hashing import sha256_file
 
 MANIFEST = "manifest.json"
 INDEX = "model.safetensors.index.json"

@@ -203,14 +203,20 @@ class SpanReader:
             self._crc_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt2hf-crc")
         self._crc_pending.append(self._crc_worker.submit(step))
 
-    def read(self, span: Span) -> torch.Tensor:
-        """The whole tensor; its record's CRC-32 is checked when the span covers the record."""
+    def read(self, span: Span, check_now: bool = False) -> torch.Tensor:
+        """The whole tensor, in a buffer of its own; its record's CRC-32 is checked when the span covers the record.
+
+        ``check_now``: check the CRC-32 before returning (on this thread), so that the caller may modify the
+        tensor in place; otherwise the check runs on the worker thread and the caller must not modify it.
+        """
         rows = span.shape[0] if span.shape else 1
         tensor = self.rows(span, 0, rows)
-        if self._covers(span):
-            self._crc_async(span, tensor, first=True, last=True)
-        else:
+        if not self._covers(span):
             self.check_record(span)
+        elif check_now:
+            self._verify(span, zlib.crc32(memoryview(tensor.view(torch.uint8).numpy()) if tensor.numel() else b""))
+        else:
+            self._crc_async(span, tensor, first=True, last=True)
         return tensor
 
     def chunks(self, span: Span, pooled: bool = False) -> Iterator[tuple[int, int, torch.Tensor]]:
@@ -260,6 +266,18 @@ class SpanReader:
             done += n
         self._verify(span, crc)
 
+    def crc(self, span: Span) -> int:
+        """CRC-32 of the span's bytes, read in pooled chunks (nothing is verified or claimed)."""
+        crc = 0
+        step = max(1, self.chunk_bytes // max(1, span.row_bytes))
+        total = span.shape[0] if span.shape else 1
+        for start in range(0, total, step):
+            stop = min(total, start + step)
+            piece = self.rows(span, start, stop, pooled=True) if span.shape else self.rows(span, 0, 1)
+            crc = zlib.crc32(memoryview(piece.view(torch.uint8).numpy()) if piece.numel() else b"", crc)
+            self.release(piece)
+        return crc
+
     def _verify(self, span: Span, crc: int) -> None:
         r = span.record
         if crc != r.crc:
@@ -267,6 +285,18 @@ class SpanReader:
                 f"{span.path}: tensor data in {r.name} fails its CRC-32 check (stored {r.crc:08x}, computed "
                 f"{crc:08x}); the file is corrupt; re-copy it"
             )
+
+
+def stored_crc(span: Span) -> int | None:
+    """The CRC-32 the zip stores for the span's bytes, when the span is exactly its record (no data is read).
+
+    Equal bytes have equal CRC-32s, so two spans whose stored CRC-32s differ cannot hold the same bytes. The
+    stored value is checked against the data whenever the record is read for the conversion.
+    """
+    r = span.record
+    if r is None or span.offset != r.offset or span.nbytes != r.nbytes:
+        return None
+    return r.crc
 
 
 def chunked_equal(reader: SpanReader, a: Span, b: Span) -> tuple[bool, float]:

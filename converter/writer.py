@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -17,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from .errors import ConvertError
+from .hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -144,16 +144,6 @@ def copy_support_files(base: Path, folder: Path) -> list[str]:
             shutil.copyfile(src, folder / name)
             copied.append(name)
     return copied
-
-
-def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
-    """sha256 of a file, read unbuffered into one reused buffer (no per-chunk allocation)."""
-    digest = hashlib.sha256()
-    view = memoryview(bytearray(chunk))
-    with open(path, "rb", buffering=0) as fh:
-        while n := fh.readinto(view):
-            digest.update(view[:n])
-    return digest.hexdigest()
 
 
 def file_records(root: Path, known: dict[str, str] | None = None) -> list[dict[str, object]]:

@@ -1,0 +1,134 @@
+"""sha256 of files, and of the source checkpoint on a background thread started before the heavy imports.
+
+The manifest records the source checkpoint's sha256. Hashing a multi-GB checkpoint is CPU-bound (about 1.2 GB/s
+with SHA-NI) and needs nothing but the file's path, while importing torch, transformers and PEFT takes seconds on
+one core: the CLI calls ``prefetch`` as soon as it knows the checkpoint so that both run at once, and the
+conversion later ``take``s the running hash. This module must not import torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import threading
+from pathlib import Path
+
+from .errors import ConvertError
+
+
+def sha256_file(path: Path, window: int = 32 << 20, stop: threading.Event | None = None) -> str:
+    """sha256 of a file, hashed straight from the page cache through read-only memory-mapped windows.
+
+    Mapping (with MAP_POPULATE where the OS has it) instead of reading saves copying every byte, and each window
+    is one call that releases the GIL. At most one window is mapped at a time, so resident memory stays bounded.
+    ``stop``: when set, hashing ends early and the returned digest means nothing.
+    """
+    digest = hashlib.sha256()
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    with open(path, "rb", buffering=0) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        for offset in range(0, size, window):
+            length = min(window, size - offset)
+            with mmap.mmap(fh.fileno(), length, flags=flags, prot=mmap.PROT_READ, offset=offset) as mapped:
+                digest.update(mapped)  # releases the GIL: the other threads keep running
+            if stop is not None and stop.is_set():
+                break
+    return digest.hexdigest()
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class BackgroundHash:
+    """sha256 of one file, computed on a daemon thread; ``result()`` waits for it.
+
+    The file's identity (device, inode, size, mtime) is taken before and after hashing: a file replaced or
+    modified meanwhile is an error rather than a wrong digest.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._stop = threading.Event()
+        self._digest: str | None = None
+        self._error: str | None = None
+        self._identity = _identity(self.path)
+        self._thread = threading.Thread(target=self._run, name="ckpt2hf-source-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            digest = sha256_file(self.path, stop=self._stop)
+            if _identity(self.path) != self._identity:
+                self._error = "it changed while being read; convert a checkpoint that is no longer being written"
+            else:
+                self._digest = digest
+        except OSError as exc:
+            self._error = f"cannot read it to hash it ({exc.strerror or exc})"
+
+    def same_file(self, path: Path) -> bool:
+        """True if ``path`` is the file being hashed, unchanged since hashing started."""
+        try:
+            return _identity(Path(path)) == self._identity
+        except OSError:
+            return False
+
+    def cancel(self, wait: bool = False) -> None:
+        """Stop hashing (the thread ends after its current window); ``result()`` is then an error.
+
+        ``wait``: return only once the thread has ended.
+        """
+        self._stop.set()
+        if wait:
+            self._thread.join()
+
+    def result(self) -> str:
+        """The hex digest; ConvertError if the file could not be read or changed meanwhile."""
+        self._thread.join()
+        if self._stop.is_set():
+            raise RuntimeError("result() of a cancelled hash")
+        if self._error is not None:
+            raise ConvertError(f"{self.path}: {self._error}")
+        return self._digest
+
+
+_prefetched: dict[Path, BackgroundHash] = {}
+_lock = threading.Lock()
+
+
+def prefetch(path: Path) -> None:
+    """Start hashing ``path`` in the background unless it is being hashed already (a no-op if it is missing)."""
+    key = Path(path).resolve()
+    with _lock:
+        if key in _prefetched:
+            return
+        try:
+            _prefetched[key] = BackgroundHash(key)
+        except OSError:
+            return
+
+
+def take(path: Path) -> BackgroundHash:
+    """The prefetched hash of ``path`` if one is running for the same unchanged file, else a new one."""
+    key = Path(path).resolve()
+    with _lock:
+        started = _prefetched.pop(key, None)
+    if started is not None and started.same_file(key):
+        return started
+    if started is not None:
+        started.cancel()
+    try:
+        return BackgroundHash(key)
+    except OSError as exc:
+        raise ConvertError(f"{key}: cannot read it to hash it ({exc.strerror or exc})") from exc
+
+
+def cancel_prefetched() -> None:
+    """Stop the prefetched hashes nobody took (a conversion that failed or never started) and wait for them."""
+    with _lock:
+        started = list(_prefetched.values())
+        _prefetched.clear()
+    for hasher in started:
+        hasher.cancel(wait=True)

@@ -1,0 +1,57 @@
+"""The source checkpoint's sha256: windowed hashing, and the hash the CLI starts before the heavy imports."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import threading
+
+import pytest
+
+from converter import hashing
+
+from helpers import cli
+
+WINDOW = 2 * mmap.ALLOCATIONGRANULARITY
+
+
+@pytest.mark.parametrize("size", [0, 1, WINDOW - 1, WINDOW, WINDOW + 1, 3 * WINDOW + 17])
+def test_sha256_file_matches_hashlib_across_window_edges(tmp_path, size):
+    path = tmp_path / "data"
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    path.write_bytes(data)
+    assert hashing.sha256_file(path, window=WINDOW) == hashlib.sha256(data).hexdigest()
+
+
+def test_take_reuses_a_prefetched_hash_of_the_same_file(tmp_path):
+    path = tmp_path / "ckpt"
+    path.write_bytes(b"weights" * 1000)
+    hashing.prefetch(path)
+    taken = hashing.take(path)
+    assert taken.result() == hashlib.sha256(b"weights" * 1000).hexdigest()
+    assert hashing.take(path) is not taken  # taken once: a second take starts afresh
+
+
+def test_a_file_changed_after_prefetch_is_hashed_again(tmp_path):
+    path = tmp_path / "ckpt"
+    path.write_bytes(b"old")
+    hashing.prefetch(path)
+    path.write_bytes(b"newer bytes")
+    assert hashing.take(path).result() == hashlib.sha256(b"newer bytes").hexdigest()
+
+
+def test_cli_convert_records_the_prefetched_source_hash(causal_lm_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, stderr = cli(capsys, "convert", causal_lm_run, "--out", out, "--config", "causal_lm", "--quiet")
+    assert code == 0, stderr
+    ckpt = causal_lm_run / "checkpoints" / "last.ckpt"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"]["checkpoint"]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+
+
+def test_a_failed_cli_convert_leaves_no_hashing_thread(causal_lm_run, tmp_path, capsys):
+    code, _, stderr = cli(capsys, "convert", causal_lm_run, "--out", tmp_path / "out", "--config", "nope", "--quiet")
+    assert code == 2 and stderr.startswith("ckpt2hf: error: ")
+    assert not [t for t in threading.enumerate() if t.name == "ckpt2hf-source-hash" and t.is_alive()]
+    assert not (tmp_path / "out").exists()
