@@ -174,6 +174,57 @@ class SafetensorsStream:
         self._fh.close()
 
 
+READ_AHEAD = 4  # items (a merged layer's sources, or one chunk) read ahead of the writer
+
+
+class ReadAhead:
+    """Runs a generator on a background thread, at most ``depth`` items ahead of the consumer.
+
+    Reading and checking the sources (``pread``, CRC-32) then overlaps with merging and casting on the calling
+    thread. An exception in the generator is raised by ``next()`` in the consumer; ``close()`` stops it early.
+    """
+
+    def __init__(self, items: Iterator[Any], depth: int) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(items,), name="ckpt2hf-read", daemon=True)
+        self._thread.start()
+
+    def _put(self, entry: tuple[str, Any]) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, items: Iterator[Any]) -> None:
+        try:
+            for item in items:
+                if not self._put(("item", item)):
+                    return
+            self._put(("end", None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            self._put(("error", exc))
+
+    def __iter__(self) -> ReadAhead:
+        return self
+
+    def __next__(self) -> Any:
+        kind, value = self._queue.get()
+        if kind == "error":
+            raise value
+        if kind == "end":
+            raise StopIteration
+        return value
+
+    def close(self) -> None:
+        """Stop reading ahead and wait for the thread to end."""
+        self._stop.set()  # a blocked put() sees it within 0.1 s
+        self._thread.join()
+
+
 def _probe(base: torch.nn.Module, device: torch.device, generator: torch.Generator) -> torch.Tensor:
     """A random input for a LoRA layer's base module (Linear, Conv1D, Embedding)."""
     if isinstance(base, torch.nn.Embedding):
@@ -224,10 +275,11 @@ class StreamingWriter:
 
     # --- sources -----------------------------------------------------------------------------------------
     def _whole(self, rel: str, writable: bool = False) -> torch.Tensor:
-        """The whole source tensor; ``writable``: a buffer of its own, checked already, that may be modified."""
+        """The whole source tensor; ``writable``: a buffer of its own (lent from the reader's pool: ``release`` it),
+        checked already, that may be modified."""
         span = self.part.source_span(rel)
         if span is not None:
-            return self.reader.read(span, check_now=writable)
+            return self.reader.read(span, check_now=writable, pooled=writable)
         tensor = self.part.source_tensor(rel)
         return tensor.clone() if writable else tensor
 
@@ -245,15 +297,17 @@ class StreamingWriter:
         return source_dtype
 
     # --- merge ---------------------------------------------------------------------------------------------
-    def _merge(self, module: str) -> None:
+    def _layer_sources(self, module: str) -> dict[str, torch.Tensor]:
+        """The source tensors of one LoRA layer (base weight, lora_A, lora_B, DoRA magnitude...), each in a buffer
+        of its own with its CRC-32 checked: merge() adds into the base weight in place. Runs on the read thread."""
+        layer = self.peft.get_submodule(PEFT_PREFIX + module)
+        return {name: self._whole(f"{PEFT_PREFIX}{module}.{name}", writable=True) for name in layer.state_dict()}
+
+    def _merge(self, module: str, sources: dict[str, torch.Tensor]) -> None:
         """Materialise one LoRA layer in float32 on the device, merge it with PEFT, keep its base params."""
         part = self.part
         layer = self.peft.get_submodule(PEFT_PREFIX + module)
-        state = {}
-        for name in layer.state_dict():
-            rel = f"{PEFT_PREFIX}{module}.{name}"
-            # merge() adds into the base weight in place: the source buffer must be its own and checked already
-            state[name] = self._whole(rel, writable=True).to(self.device, torch.float32, non_blocking=True)
+        state = {name: t.to(self.device, torch.float32, non_blocking=True) for name, t in sources.items()}
         layer.load_state_dict(state, assign=True, strict=True)
         base = layer.get_base_layer()
         with torch.no_grad():
@@ -274,11 +328,12 @@ class StreamingWriter:
                 diff = float((got - reference).abs().max()) / max(1.0, float(reference.abs().max()))
                 self.module_checks.append(diff)
         layer.to_empty(device="meta")
-
-    def _merged_tensor(self, plain: str) -> torch.Tensor:
-        if plain not in self._merged:
-            self._merge(self.of_module[plain])
-        return self._merged.pop(plain)
+        # A source buffer merged in place and written as it is goes to the writer, which releases it once written;
+        # every other one goes back to the pool now.
+        written = {self._merged[f"{module}.{p}"].untyped_storage().data_ptr() for p, _ in base.named_parameters()}
+        for tensor in sources.values():
+            if tensor.untyped_storage().data_ptr() not in written:
+                self.reader.release(tensor)
 
     # --- writing -------------------------------------------------------------------------------------------
     def write(self, folder: Path) -> dict[str, Any]:
@@ -302,6 +357,8 @@ class StreamingWriter:
             leave=False,
         )
         streams: dict[str, SafetensorsStream] = {}
+        order = [name for names in split.filename_to_tensors.values() for name in names]
+        sources = ReadAhead(self._sources(order), depth=READ_AHEAD)
         try:
             for filename, names in split.filename_to_tensors.items():
                 entries = [(n, *shapes[n]) for n in names]
@@ -309,12 +366,13 @@ class StreamingWriter:
                     folder / filename, entries, {"format": "pt"}, self.reader.release
                 )
                 for name in names:
-                    self._write_tensor(stream, name, shapes[name][0])
+                    self._write_tensor(stream, name, shapes[name][0], sources)
                     bar.update()
                 stream.finish()  # its thread completes and fsyncs it while the next file is produced
             for filename, stream in streams.items():
                 self.sha[filename] = stream.close()
         except BaseException:
+            sources.close()
             for stream in streams.values():
                 stream.abort()
             raise
@@ -324,11 +382,37 @@ class StreamingWriter:
             (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         return {"files": list(split.filename_to_tensors)}
 
-    def _write_tensor(self, stream: SafetensorsStream, name: str, dtype: torch.dtype) -> None:
-        if name in self.of_module:
-            stream.write(name, self._merged_tensor(name))
+    def _sources(self, order: list[str]) -> Iterator[tuple[str, Any, bool]]:
+        """What the writer consumes, in its order (runs on the read thread): ``(module, layer sources, True)`` once
+        per merged layer, before its first parameter; ``(name, rows, last)`` for the pieces of a copied tensor."""
+        merged: set[str] = set()
+        for name in order:
+            module = self.of_module.get(name)
+            if module is not None:
+                if module not in merged:
+                    merged.add(module)
+                    yield module, self._layer_sources(module), True
+                continue
+            pieces = self._chunks(self.part.plain[name], pooled=True)
+            piece = next(pieces)
+            for following in pieces:
+                yield name, piece, False
+                piece = following
+            yield name, piece, True
+
+    def _write_tensor(self, stream: SafetensorsStream, name: str, dtype: torch.dtype, sources: ReadAhead) -> None:
+        module = self.of_module.get(name)
+        if module is not None:
+            if name not in self._merged:
+                got, layer_sources, _ = next(sources)
+                assert got == module, (got, module)
+                self._merge(module, layer_sources)
+            stream.write(name, self._merged.pop(name))
             return
-        for piece in self._chunks(self.part.plain[name], pooled=True):
+        last = False
+        while not last:
+            got, piece, last = next(sources)
+            assert got == name, (got, name)
             out = check_finite(name, piece, piece.to(dtype), self.ctx.checkpoint_path)
             if out.data_ptr() != piece.data_ptr():
                 self.reader.release(piece)  # cast into a new tensor: the chunk buffer is free already
