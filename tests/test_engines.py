@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from converter.errors import ConvertError
+from converter.lazy import SpanReader
+from converter.stream import ReadAhead
 
 from helpers import run_convert
 
@@ -55,3 +60,43 @@ def test_engines_write_identical_tensors(case, request, tmp_path):
 def test_auto_engine_follows_max_memory(pano_run, tmp_path):
     assert run_convert(pano_run, tmp_path / "a", dry_run=True)["engine"] == "full"
     assert run_convert(pano_run, tmp_path / "b", dry_run=True, max_memory="100KB")["engine"] == "streaming"
+
+
+def test_small_chunks_and_a_small_pool_write_the_same_tensors(pano_run, tmp_path, monkeypatch):
+    """Every tensor spans several chunks and merge inputs outgrow a chunk, so the reader's pool lends, takes back
+    and reuses buffers of mixed sizes while the read-ahead, writer and hasher threads hold some of them."""
+    full = run_convert(pano_run, tmp_path / "full", engine="full")
+    monkeypatch.setattr(SpanReader.__init__, "__defaults__", (4096, False, 16384))  # chunk, pin, pool bytes
+    for dtype in ("float32", "bfloat16"):
+        streaming = run_convert(pano_run, tmp_path / dtype, engine="streaming", dtype=dtype)
+        reference = _tensors(tmp_path / "full")
+        got = _tensors(tmp_path / dtype)
+        assert got.keys() == reference.keys()
+        assert all(torch.equal(got[k], reference[k].to(got[k].dtype)) for k in got)
+        assert streaming["keys"] == full["keys"]
+
+
+def test_read_ahead_keeps_order_and_raises_the_producers_error():
+    def items():
+        yield from range(5)
+        raise ConvertError("broken source")
+
+    ahead = ReadAhead(items(), depth=2)
+    assert [next(ahead) for _ in range(5)] == [0, 1, 2, 3, 4]
+    with pytest.raises(ConvertError, match="^broken source$"):
+        next(ahead)
+
+
+def test_read_ahead_close_stops_the_producer():
+    produced = []
+
+    def items():
+        for i in range(1000):
+            produced.append(i)
+            yield i
+
+    ahead = ReadAhead(items(), depth=2)
+    assert next(ahead) == 0
+    ahead.close()
+    assert len(produced) < 10
+    assert not [t for t in threading.enumerate() if t.name == "ckpt2hf-read" and t.is_alive()]
