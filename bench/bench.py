@@ -44,6 +44,12 @@ for root, _, files in os.walk(dst):
             os.fsync(fh.fileno())
 """
 
+SOURCE_HASH = """
+import sys
+from converter.hashing import sha256_file
+sha256_file(sys.argv[1])
+"""
+
 PEFT_PATH = """
 import os, sys, torch
 from peft import PeftModel
@@ -152,6 +158,8 @@ def run_shape(shape: str, args: argparse.Namespace, env: dict[str, str]) -> dict
     convert = [py, "-m", "converter", "convert", str(run), "--out", str(dest), "--quiet", "--device", args.device]
     contenders = {
         "floor (durable copy of the export)": [py, "-c", FLOOR, str(ref), str(dest)],
+        # The manifest records the checkpoint's sha256: one sequential pass over every byte, on one core.
+        "sha256 of the checkpoint alone": [py, "-c", SOURCE_HASH, str(run / "checkpoints" / "last.ckpt")],
         "convert --no-verify, streaming": [*convert, "--no-verify", "--engine", "streaming"],
         "convert --no-verify, full": [*convert, "--no-verify", "--engine", "full"],
         "convert with verification, streaming": [*convert, "--engine", "streaming"],

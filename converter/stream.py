@@ -65,6 +65,38 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
         fn(ctypes.c_int(fd), ctypes.c_int64(offset), ctypes.c_int64(nbytes), ctypes.c_uint(_SYNC_FILE_RANGE_WRITE))
 
 
+IN_FLIGHT_BYTES = 64 << 20  # bytes a stage may hand on before the next one has consumed them (per stage)
+
+
+class ByteBudget:
+    """Bounds the bytes one thread has handed to the next and that are not consumed yet, so that memory does not
+    grow with the size of the items: ``acquire(n)`` waits while others hold the budget (an item larger than the
+    whole budget still passes, alone)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.held = limit, 0
+        self._cond = threading.Condition()
+
+    def acquire(self, nbytes: int, stop: threading.Event | None = None) -> bool:
+        """Take ``nbytes``; False (nothing taken) if ``stop`` is set while waiting."""
+        with self._cond:
+            while self.held > 0 and self.held + nbytes > self.limit:
+                if stop is not None and stop.is_set():
+                    return False
+                self._cond.wait(0.1)
+            self.held += nbytes
+            return True
+
+    def release(self, nbytes: int) -> None:
+        with self._cond:
+            self.held -= nbytes
+            self._cond.notify_all()
+
+
+def _nbytes(block: Any) -> int:
+    return block.numel() * block.element_size() if isinstance(block, torch.Tensor) else len(block)
+
+
 class SafetensorsStream:
     """Writes a safetensors file whose tensors are known up front; bytes are appended in header order by a
     background writer thread, and hashed (sha256) by a second one, so neither pass holds up the producer."""
@@ -95,8 +127,9 @@ class SafetensorsStream:
         self.path, self.sha = path, hashlib.sha256()
         self._release = release or (lambda tensor: None)
         self._fh = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self._queue: queue.Queue = queue.Queue(maxsize=4)
-        self._hash_queue: queue.Queue = queue.Queue(maxsize=4)
+        self._queue: queue.Queue = queue.Queue()
+        self._hash_queue: queue.Queue = queue.Queue()
+        self._budget = ByteBudget(IN_FLIGHT_BYTES)  # queued for writing or hashing
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._drain, daemon=True)
         self._hasher = threading.Thread(target=self._hash, daemon=True)
@@ -134,12 +167,14 @@ class SafetensorsStream:
     def _hash(self) -> None:
         while (block := self._hash_queue.get()) is not None:
             self.sha.update(self._bytes(block))
+            self._budget.release(_nbytes(block))
             if isinstance(block, torch.Tensor):
                 self._release(block)
 
     def _put(self, block: Any) -> None:
         if self._error is not None:
             raise self._error
+        self._budget.acquire(_nbytes(block))
         self._queue.put(block)
 
     def write(self, name: str, piece: torch.Tensor) -> None:
@@ -174,39 +209,31 @@ class SafetensorsStream:
         self._fh.close()
 
 
-READ_AHEAD = 4  # items (a merged layer's sources, or one chunk) read ahead of the writer
-
-
 class ReadAhead:
-    """Runs a generator on a background thread, at most ``depth`` items ahead of the consumer.
+    """Runs a generator on a background thread, ahead of the consumer by at most ``limit`` bytes of items (as
+    ``size`` counts them; one item at least).
 
     Reading and checking the sources (``pread``, CRC-32) then overlaps with merging and casting on the calling
     thread. An exception in the generator is raised by ``next()`` in the consumer; ``close()`` stops it early.
     """
 
-    def __init__(self, items: Iterator[Any], depth: int) -> None:
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+    def __init__(self, items: Iterator[Any], size: Any = lambda item: 1, limit: int = IN_FLIGHT_BYTES) -> None:
+        self._queue: queue.Queue = queue.Queue()
+        self._size = size
+        self._budget = ByteBudget(limit)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(items,), name="ckpt2hf-read", daemon=True)
         self._thread.start()
 
-    def _put(self, entry: tuple[str, Any]) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
     def _run(self, items: Iterator[Any]) -> None:
         try:
             for item in items:
-                if not self._put(("item", item)):
+                if not self._budget.acquire(self._size(item), self._stop):
                     return
-            self._put(("end", None))
+                self._queue.put(("item", item))
+            self._queue.put(("end", None))
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            self._put(("error", exc))
+            self._queue.put(("error", exc))
 
     def __iter__(self) -> ReadAhead:
         return self
@@ -217,12 +244,20 @@ class ReadAhead:
             raise value
         if kind == "end":
             raise StopIteration
+        self._budget.release(self._size(value))
         return value
 
     def close(self) -> None:
         """Stop reading ahead and wait for the thread to end."""
-        self._stop.set()  # a blocked put() sees it within 0.1 s
+        self._stop.set()  # a producer waiting for budget sees it within 0.1 s
         self._thread.join()
+
+
+def _source_bytes(item: tuple[str, Any, bool]) -> int:
+    """Bytes of a read-ahead item: a chunk, or the sources of one LoRA layer."""
+    _, data, _ = item
+    tensors = data.values() if isinstance(data, dict) else [data]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _probe(base: torch.nn.Module, device: torch.device, generator: torch.Generator) -> torch.Tensor:
@@ -358,7 +393,7 @@ class StreamingWriter:
         )
         streams: dict[str, SafetensorsStream] = {}
         order = [name for names in split.filename_to_tensors.values() for name in names]
-        sources = ReadAhead(self._sources(order), depth=READ_AHEAD)
+        sources = ReadAhead(self._sources(order), size=_source_bytes)
         try:
             for filename, names in split.filename_to_tensors.items():
                 entries = [(n, *shapes[n]) for n in names]

@@ -81,7 +81,7 @@ def test_read_ahead_keeps_order_and_raises_the_producers_error():
         yield from range(5)
         raise ConvertError("broken source")
 
-    ahead = ReadAhead(items(), depth=2)
+    ahead = ReadAhead(items(), limit=2)
     assert [next(ahead) for _ in range(5)] == [0, 1, 2, 3, 4]
     with pytest.raises(ConvertError, match="^broken source$"):
         next(ahead)
@@ -95,7 +95,7 @@ def test_read_ahead_close_stops_the_producer():
             produced.append(i)
             yield i
 
-    ahead = ReadAhead(items(), depth=2)
+    ahead = ReadAhead(items(), limit=2)
     assert next(ahead) == 0
     ahead.close()
     assert len(produced) < 10
