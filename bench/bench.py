@@ -50,6 +50,8 @@ from converter.hashing import sha256_file
 sha256_file(sys.argv[1])
 """
 
+IMPORTS = "import torch, peft, transformers.models.qwen3.modeling_qwen3"
+
 PEFT_PATH = """
 import os, sys, torch
 from peft import PeftModel
@@ -160,6 +162,8 @@ def run_shape(shape: str, args: argparse.Namespace, env: dict[str, str]) -> dict
         "floor (durable copy of the export)": [py, "-c", FLOOR, str(ref), str(dest)],
         # The manifest records the checkpoint's sha256: one sequential pass over every byte, on one core.
         "sha256 of the checkpoint alone": [py, "-c", SOURCE_HASH, str(run / "checkpoints" / "last.ckpt")],
+        # What any PEFT-based tool imports before it touches a byte.
+        "imports alone (torch, transformers, PEFT)": [py, "-c", IMPORTS],
         "convert --no-verify, streaming": [*convert, "--no-verify", "--engine", "streaming"],
         "convert --no-verify, full": [*convert, "--no-verify", "--engine", "full"],
         "convert with verification, streaming": [*convert, "--engine", "streaming"],
