@@ -95,7 +95,7 @@ class SpanReader:
     machine's noise, and the smaller the chunks the less memory the threads' queues hold.
     """
 
-    def __init__(self, chunk_bytes: int = 8 << 20, pin: bool = False, keep_bytes: int = 256 << 20) -> None:
+    def __init__(self, chunk_bytes: int = 8 << 20, pin: bool = False, keep_bytes: int = 128 << 20) -> None:
         self.chunk_bytes = chunk_bytes
         self.pin = pin and torch.cuda.is_available()
         self._fds: dict[Path, int] = {}
