@@ -351,10 +351,12 @@ class StreamingWriter:
                 x = _probe(base, self.device, self.generator)
                 reference = layer(x)
             layer.merge(adapter_names=[part.layout.adapter_name])
+            written = set()  # storages that go to the writer, which releases them once written
             for pname, param in base.named_parameters(recurse=False):
                 key = f"{module}.{pname}"
                 cast = param.detach().to(self.out_dtype(param.dtype))
                 self._merged[key] = check_finite(key, param.detach(), cast, self.ctx.checkpoint_path)
+                written.add(cast.untyped_storage().data_ptr())
             if self.verify:
                 weight = base.weight
                 weight.data = self._merged[f"{module}.weight"].to(torch.float32)
@@ -364,9 +366,7 @@ class StreamingWriter:
                 diff = float((got - reference).abs().max()) / max(1.0, float(reference.abs().max()))
                 self.module_checks.append(diff)
         layer.to_empty(device="meta")
-        # A source buffer merged in place and written as it is goes to the writer, which releases it once written;
-        # every other one goes back to the pool now.
-        written = {self._merged[f"{module}.{p}"].untyped_storage().data_ptr() for p, _ in base.named_parameters()}
+        # A source buffer merged in place and written as it is belongs to the writer now; the others go back now.
         for tensor in sources.values():
             if tensor.untyped_storage().data_ptr() not in written:
                 self.reader.release(tensor)
@@ -429,12 +429,13 @@ class StreamingWriter:
                     merged.add(module)
                     yield module, self._layer_sources(module), True
                 continue
-            pieces = self._chunks(self.part.plain[name], pooled=True)
-            piece = next(pieces)
-            for following in pieces:
-                yield name, piece, False
-                piece = following
-            yield name, piece, True
+            previous = None
+            for piece in self._chunks(self.part.plain[name], pooled=True):
+                if previous is not None:
+                    yield name, previous, False
+                previous = piece
+            # a tensor without elements has no rows to read: it is written as zero bytes
+            yield name, previous if previous is not None else torch.empty(0, dtype=torch.uint8), True
 
     def _write_tensor(self, stream: SafetensorsStream, name: str, dtype: torch.dtype, sources: ReadAhead) -> None:
         module = self.of_module.get(name)

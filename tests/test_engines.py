@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 
@@ -11,7 +12,7 @@ from safetensors.torch import load_file
 
 from converter.errors import ConvertError
 from converter.lazy import SpanReader
-from converter.stream import ReadAhead
+from converter.stream import ReadAhead, SafetensorsStream
 
 from helpers import run_convert
 
@@ -100,3 +101,20 @@ def test_read_ahead_close_stops_the_producer():
     ahead.close()
     assert len(produced) < 10
     assert not [t for t in threading.enumerate() if t.name == "ckpt2hf-read" and t.is_alive()]
+
+
+def test_safetensors_stream_writes_tensors_without_elements(tmp_path):
+    path = tmp_path / "model.safetensors"
+    a, empty, b = torch.arange(6.0).reshape(2, 3), torch.empty(0, 3), torch.tensor([7], dtype=torch.int64)
+    entries = [("a", a.dtype, tuple(a.shape)), ("empty", empty.dtype, (0, 3)), ("b", b.dtype, (1,))]
+    stream = SafetensorsStream(path, entries, {"format": "pt"})
+    stream.write("a", a[:1])
+    stream.write("a", a[1:])
+    stream.write("empty", torch.empty(0, dtype=torch.uint8))
+    stream.write("b", b)
+    stream.finish()
+    digest = stream.close()
+    written = load_file(path)
+    assert written.keys() == {"a", "empty", "b"}
+    assert torch.equal(written["a"], a) and written["empty"].shape == (0, 3) and torch.equal(written["b"], b)
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
