@@ -57,6 +57,11 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without copying."""
+    return memoryview(tensor.view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
+
+
 def span_of(tensor: torch.Tensor, path: Path, records: dict[int, Record]) -> Span | None:
     """Where a memory-mapped checkpoint tensor's bytes are, if it is contiguous and backed by a zip record."""
     if not tensor.is_contiguous():
@@ -99,8 +104,8 @@ class SpanReader:
         self.chunk_bytes = chunk_bytes
         self.pin = pin and torch.cuda.is_available()
         self._fds: dict[Path, int] = {}
-        # Buffers handed back by release(), up to keep_bytes: reusing them saves the kernel zeroing fresh pages for
-        # every chunk and every merged layer. They were all in use at once before, so peak memory does not grow.
+        # Buffers handed back by release(), up to keep_bytes of them: reusing them saves the kernel zeroing fresh
+        # pages for every chunk and every merged layer, for at most keep_bytes of memory kept.
         self.keep_bytes = keep_bytes
         self._free: list[torch.Tensor] = []
         self._lent: dict[int, torch.Tensor] = {}
@@ -138,7 +143,7 @@ class SpanReader:
         return self._fds[path]
 
     def _pread_into(self, span: Span, buffer: torch.Tensor, offset: int) -> None:
-        view = memoryview(buffer.view(torch.uint8).numpy()) if buffer.numel() else memoryview(b"")
+        view = tensor_bytes(buffer)
         fd, done = self._fd(span.path), 0
         while done < len(view):
             n = os.preadv(fd, [view[done:]], offset + done)
@@ -199,8 +204,7 @@ class SpanReader:
 
         def step() -> None:
             try:
-                data = memoryview(piece.view(torch.uint8).numpy()) if piece.numel() else b""
-                crc = zlib.crc32(data, 0 if first else self._crc_state[key])
+                crc = zlib.crc32(tensor_bytes(piece), 0 if first else self._crc_state[key])
                 if last:
                     self._crc_state.pop(key, None)
                     self._verify(span, crc)
@@ -225,7 +229,7 @@ class SpanReader:
         if not self._covers(span):
             self.check_record(span)
         elif check_now:
-            self._verify(span, zlib.crc32(memoryview(tensor.view(torch.uint8).numpy()) if tensor.numel() else b""))
+            self._verify(span, zlib.crc32(tensor_bytes(tensor)))
         else:
             self._crc_async(span, tensor, first=True, last=True)
         return tensor
@@ -285,7 +289,7 @@ class SpanReader:
         for start in range(0, total, step):
             stop = min(total, start + step)
             piece = self.rows(span, start, stop, pooled=True) if span.shape else self.rows(span, 0, 1)
-            crc = zlib.crc32(memoryview(piece.view(torch.uint8).numpy()) if piece.numel() else b"", crc)
+            crc = zlib.crc32(tensor_bytes(piece), crc)
             self.release(piece)
         return crc
 

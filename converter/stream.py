@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from . import verify as checks
 from .errors import ConvertError
 from .keymap import PEFT_PREFIX
-from .lazy import DTYPE_NAMES, Span, SpanReader, safetensors_spans, stored_crc
+from .lazy import DTYPE_NAMES, Span, SpanReader, safetensors_spans, stored_crc, tensor_bytes
 from .verify import check_finite
 
 if TYPE_CHECKING:
@@ -143,7 +143,7 @@ class SafetensorsStream:
 
     @staticmethod
     def _bytes(block: Any) -> Any:
-        return memoryview(block.view(torch.uint8).numpy()) if isinstance(block, torch.Tensor) else block
+        return tensor_bytes(block) if isinstance(block, torch.Tensor) else block
 
     def _drain(self) -> None:
         written = flushed = 0
