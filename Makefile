@@ -42,8 +42,8 @@ lint: venv
 	$(VENV)/bin/ruff format --check converter tests bench
 
 format: venv
-	$(VENV)/bin/ruff check --fix converter tests
-	$(VENV)/bin/ruff format converter tests
+	$(VENV)/bin/ruff check --fix converter tests bench
+	$(VENV)/bin/ruff format converter tests bench
 
 # Not part of CI: builds and caches Qwen3-0.6B- and 1.7B-shaped runs (about 50 GB of disk), then measures.
 bench: venv

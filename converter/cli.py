@@ -179,7 +179,7 @@ def _main(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # configs come from local folders or the local cache only
     try:
         if args.command == "verify":
-            from .integrity import verify_export
+            from .verify import verify_export
 
             problems, checked = verify_export(args.out)
             if args.json:

@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 from .errors import ConvertError
+from .names import ADAPTER_DIR, CHECKPOINTS_DIR, LAST_CHECKPOINT
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +30,9 @@ class RunInputs:
 
 def _global_step(path: Path) -> int:
     """A checkpoint's global_step, read from its metadata (memory-mapped; tensors are not read)."""
-    from .reader import _torch_load  # torch is imported only when this is needed
+    from .sources import read_metadata  # torch is imported only when this is needed
 
-    obj = _torch_load(path)
-    step = obj.get("global_step") if isinstance(obj, dict) else None
+    step = read_metadata(path).get("global_step")
     return int(step) if isinstance(step, int) else -1
 
 
@@ -43,14 +43,14 @@ def find_inputs(run_or_ckpt: Path, ckpt: Path | None = None, adapter_dir: Path |
     """
     run_or_ckpt = Path(run_or_ckpt)
     if run_or_ckpt.is_file():
-        run = run_or_ckpt.parent.parent if run_or_ckpt.parent.name == "checkpoints" else run_or_ckpt.parent
+        run = run_or_ckpt.parent.parent if run_or_ckpt.parent.name == CHECKPOINTS_DIR else run_or_ckpt.parent
         ckpt = ckpt or run_or_ckpt
     elif run_or_ckpt.is_dir():
         run = run_or_ckpt
     else:
         raise ConvertError(f"{run_or_ckpt}: no such run folder or checkpoint file")
 
-    ckpt_dir = run / "checkpoints" if (run / "checkpoints").is_dir() else run
+    ckpt_dir = run / CHECKPOINTS_DIR if (run / CHECKPOINTS_DIR).is_dir() else run
     found = tuple(sorted(p for p in ckpt_dir.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES))
     found = tuple(p for p in found if not p.name.startswith("adapter_model"))
     if ckpt is not None:
@@ -60,8 +60,8 @@ def find_inputs(run_or_ckpt: Path, ckpt: Path | None = None, adapter_dir: Path |
         if not ckpt.is_file():
             raise ConvertError(f"{ckpt}: no such checkpoint file (given with --ckpt)")
         reason = "given with --ckpt"
-    elif (ckpt_dir / "last.ckpt").is_file():
-        ckpt, reason = ckpt_dir / "last.ckpt", "last.ckpt"
+    elif (ckpt_dir / LAST_CHECKPOINT).is_file():
+        ckpt, reason = ckpt_dir / LAST_CHECKPOINT, LAST_CHECKPOINT
     else:
         lightning = [p for p in found if p.suffix == ".ckpt"]
         if not lightning:
@@ -75,5 +75,5 @@ def find_inputs(run_or_ckpt: Path, ckpt: Path | None = None, adapter_dir: Path |
         if not adapter_root.is_dir():
             raise ConvertError(f"{adapter_root}: no such adapter folder (given with --adapter-dir)")
     else:
-        adapter_root = run / "lora_weights" if (run / "lora_weights").is_dir() else None
+        adapter_root = run / ADAPTER_DIR if (run / ADAPTER_DIR).is_dir() else None
     return RunInputs(run, ckpt, adapter_root, found, reason)

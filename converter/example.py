@@ -2,14 +2,15 @@
 
 Everything here is real: Hugging Face models built from config (no hub), wrapped by PEFT LoRA, trained a few
 steps by a ``lightning.Trainer``, saved by ``ModelCheckpoint`` and PEFT ``save_pretrained``. The layout is the
-one described in ``docs/context.md``:
+one PanoramaVLM runs have:
 
     ROOT/bases/language_model/   tiny Qwen3 causal LM (config, generation config, tokenizer, initial weights)
     ROOT/bases/vision_encoder/   tiny SigLIP vision tower
     ROOT/runs/NAME/checkpoints/  Lightning checkpoints (last.ckpt and epoch=E-step=S.ckpt)
     ROOT/runs/NAME/lora_weights/ PEFT save_pretrained output
 
-Lightning is needed only here (it is in the ``dev`` extra), never by the converter itself.
+Lightning is needed only here (it is in the ``dev`` extra), never by the converter itself. Modules that only
+the tests train live in ``tests/trainers.py``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -188,45 +190,6 @@ def _lightning_module_class():  # imported lazily: lightning is a dev dependency
                 return torch.optim.SGD(params, lr=self.hparams.lr)
             return torch.optim.AdamW(params, lr=self.hparams.lr)
 
-    class CausalLMModule(lightning.LightningModule):
-        """A plain Lightning + PEFT causal LM (the layout of configs/causal_lm.yaml)."""
-
-        def __init__(
-            self,
-            language_model_name: str,
-            lora_r: int = 8,
-            lora_alpha: int = 16,
-            lr: float = 5e-3,
-            modules_to_save: list[str] | None = None,
-        ) -> None:
-            super().__init__()
-            from peft import LoraConfig, get_peft_model
-            from transformers import AutoModelForCausalLM
-
-            self.save_hyperparameters()
-            base = AutoModelForCausalLM.from_pretrained(language_model_name, dtype=torch.float32)
-            lora = LoraConfig(
-                r=lora_r,
-                lora_alpha=lora_alpha,
-                lora_dropout=0.0,
-                target_modules=["q_proj", "v_proj"],
-                modules_to_save=modules_to_save,
-                task_type="CAUSAL_LM",
-            )
-            self.model = get_peft_model(base, lora)
-
-        @property
-        def language_model(self):
-            return self.model
-
-        def training_step(self, batch, batch_idx):
-            _, input_ids = batch
-            return self.model(input_ids=input_ids, labels=input_ids).loss
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr)
-
-    PanoramaModule.causal_lm = CausalLMModule
     return PanoramaModule
 
 
@@ -306,7 +269,6 @@ class RunSpec:
     adapter_step: int | None = None
     lora_extra: dict[str, Any] | None = None
     seed: int = 0
-    causal_lm: bool = False  # a plain PEFT causal LM instead of PanoramaVLM
     save_top_k: int = 1  # 0: only last.ckpt (large benchmark runs)
     accelerator: str = "cpu"
     lm_dtype: str = "float32"
@@ -314,8 +276,17 @@ class RunSpec:
     optimizer: str = "adamw"  # "sgd" keeps no optimizer state (for shapes whose AdamW state does not fit in RAM)
 
 
-def build_run(root: Path, spec: RunSpec | None = None, bases: tuple[Path, Path] | None = None) -> Path:
-    """Train a tiny PanoramaVLM with a real Trainer and return ROOT/runs/NAME (checkpoints + lora_weights)."""
+def build_run(
+    root: Path,
+    spec: RunSpec | None = None,
+    bases: tuple[Path, Path] | None = None,
+    make_module: Callable[[Path, Path], Any] | None = None,
+) -> Path:
+    """Train a tiny model with a real Trainer and return ROOT/runs/NAME (checkpoints + lora_weights).
+
+    The model is a PanoramaVLM unless ``make_module(vision_dir, lm_dir)`` builds another LightningModule (it must
+    have a ``language_model`` attribute, the PEFT model that ``lora_weights/`` is saved from).
+    """
     import lightning
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
@@ -323,10 +294,9 @@ def build_run(root: Path, spec: RunSpec | None = None, bases: tuple[Path, Path] 
     vision_dir, lm_dir = bases or build_bases(root)
     run_dir = root / "runs" / spec.name
     lightning.seed_everything(spec.seed, verbose=False)
-    modules_to_save = list(spec.modules_to_save) if spec.modules_to_save else None
     # A large run on a GPU is initialised there (the Trainer would move it anyway).
     with torch.device("cuda") if spec.accelerator == "gpu" else contextlib.nullcontext():
-        module = _build_module(spec, vision_dir, lm_dir, modules_to_save)
+        module = make_module(vision_dir, lm_dir) if make_module else _panorama_module(spec, vision_dir, lm_dir)
     vision_config = json.loads((vision_dir / "config.json").read_text())
     vocab = json.loads((lm_dir / "config.json").read_text())["vocab_size"]
     size = vision_config["image_size"]
@@ -357,17 +327,14 @@ def build_run(root: Path, spec: RunSpec | None = None, bases: tuple[Path, Path] 
     return run_dir
 
 
-def _build_module(spec: RunSpec, vision_dir: Path, lm_dir: Path, modules_to_save: list[str] | None):
-    cls = _lightning_module_class()
-    if spec.causal_lm:
-        return cls.causal_lm(str(lm_dir), spec.lora_r, spec.lora_alpha, modules_to_save=modules_to_save)
-    return cls(
+def _panorama_module(spec: RunSpec, vision_dir: Path, lm_dir: Path):
+    return _lightning_module_class()(
         vision_name=str(vision_dir),
         language_model_name=str(lm_dir),
         lora_r=spec.lora_r,
         lora_alpha=spec.lora_alpha,
         adapter_name=spec.adapter_name,
-        modules_to_save=modules_to_save,
+        modules_to_save=list(spec.modules_to_save) if spec.modules_to_save else None,
         attribute=spec.attribute,
         lora_extra=spec.lora_extra,
         lm_dtype=spec.lm_dtype,
@@ -375,13 +342,10 @@ def _build_module(spec: RunSpec, vision_dir: Path, lm_dir: Path, modules_to_save
     )
 
 
-def load_trained_module(run_dir: Path, ckpt: str = "last.ckpt"):
-    """Rebuild the trained LightningModule from a run's checkpoint (for tests that compare against it)."""
-    cls = _lightning_module_class()
-    ckpt_path = Path(run_dir) / "checkpoints" / ckpt
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    hparams = checkpoint["hyper_parameters"]
-    module = cls(**hparams) if "vision_name" in hparams else cls.causal_lm(**hparams)
+def load_panorama_module(path: Path):
+    """Rebuild a trained PanoramaModule from a Lightning checkpoint (read with weights_only)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    module = _lightning_module_class()(**checkpoint["hyper_parameters"])
     module.load_state_dict(checkpoint["state_dict"])
     return module.eval()
 

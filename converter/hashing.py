@@ -98,16 +98,17 @@ _prefetched: dict[Path, BackgroundHash] = {}
 _lock = threading.Lock()
 
 
-def prefetch(path: Path) -> None:
-    """Start hashing ``path`` in the background unless it is being hashed already (a no-op if it is missing)."""
+def prefetch(path: Path) -> BackgroundHash | None:
+    """Start hashing ``path`` in the background unless it is being hashed already; return the running hash
+    (None if the file cannot be read: the conversion reports that)."""
     key = Path(path).resolve()
     with _lock:
-        if key in _prefetched:
-            return
-        try:
-            _prefetched[key] = BackgroundHash(key)
-        except OSError:
-            return
+        if key not in _prefetched:
+            try:
+                _prefetched[key] = BackgroundHash(key)
+            except OSError:
+                return None
+        return _prefetched[key]
 
 
 def take(path: Path) -> BackgroundHash:

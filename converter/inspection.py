@@ -1,7 +1,9 @@
 """``inspect``: explain a run or checkpoint exactly, from key sets and metadata, and flag what is not normal.
 
-Reads the checkpoint memory-mapped (optimizer states are sized, never read) and touches only the tensors it
-compares: the LoRA and modules_to_save tensors against the adapter folder, lm_head against the embeddings.
+The report is derived from the plan ``convert`` would execute (``planner``) and from the checks it runs before
+writing (``checks.settle``: the LoRA tensors against the adapter folder's, lm_head against the embeddings); when
+no plan can be made (a base config missing, say), from the key analysis the planner starts with. The checkpoint
+is read memory-mapped: optimizer states are sized, never read.
 """
 
 from __future__ import annotations
@@ -10,113 +12,80 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .config import Component, load_config
-from .convert import ConvertOptions, prepare
+from .checks import settle
 from .discover import find_inputs
 from .errors import ConvertError
-from .keymap import MERGED, SUPERSEDED, PeftLayout, detect_peft_layout, is_peft_wrapped, plain_keys, split_components
-from .merge import compare_sources, lora_config_from
-from .reader import find_adapter_folder, read_adapter_folder, read_checkpoint
+from .keymap import MERGED, SUPERSEDED, ComponentKeys, classify_adapter_keys, component_keys, is_saved_copy
+from .layout import Component
+from .lora import SourceComparison, compare_sources, lora_config_from, pair_sources
+from .options import ConvertOptions
+from .plan import Plan, dtype_name
+from .planner import Opened, build_plan, open_run
+from .sources import AdapterFolder, find_adapter_folder, open_adapter_folder
 
 log = logging.getLogger(__name__)
-
-
-def _dtype_name(dtype: Any) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def inspect_run(path: Path, config: str = "panorama_vlm", bases: dict[str, Path] | None = None) -> dict[str, Any]:
     """Explain ``path`` (a run folder or a checkpoint file) as a JSON-ready dict; see the README for the keys."""
     path = Path(path)
-    inputs = find_inputs(path)
-    ckpt = read_checkpoint(inputs.checkpoint, verify_crc=False)
-    layout_config = load_config(config)
-    split = split_components(ckpt.tensors.keys(), layout_config)
+    opts = ConvertOptions(run=path, config=config, bases=dict(bases or {}), lora_from="checkpoint", progress=False)
+    opened = open_run(opts)
+    with opened.sources:
+        return _report(path, opened, opts)
+
+
+def _report(path: Path, opened: Opened, opts: ConvertOptions) -> dict[str, Any]:
     warnings: list[str] = []
-
-    by_dtype: dict[str, dict[str, int]] = {}
-    for tensor in ckpt.tensors.values():
-        entry = by_dtype.setdefault(_dtype_name(tensor.dtype), {"tensors": 0, "bytes": 0})
-        entry["tensors"] += 1
-        entry["bytes"] += tensor.numel() * tensor.element_size()
-    chosen = inputs
-    if path.is_file():
-        try:
-            chosen = find_inputs(inputs.run)
-        except ConvertError:
-            chosen = inputs
-    checkpoint = {
-        "path": str(inputs.checkpoint),
-        "format": ckpt.format,
-        "lightning_version": ckpt.lightning_version,
-        "epoch": ckpt.epoch,
-        "global_step": ckpt.global_step,
-        "file_bytes": inputs.checkpoint.stat().st_size,
-        "tensors": len(ckpt.tensors),
-        "weight_bytes": sum(d["bytes"] for d in by_dtype.values()),
-        "by_dtype": by_dtype,
-        "non_weight_bytes": sum(ckpt.extras.values()),
-        "non_weight": ckpt.extras,
-        "others": [p.name for p in inputs.checkpoints if p != inputs.checkpoint],
-        "convert_would_choose": {"path": str(chosen.checkpoint), "because": chosen.reason},
-    }
-
+    plan: Plan | None = None
+    try:
+        plan = settle(build_plan(opened, opts), opened.sources)
+    except ConvertError as exc:
+        warnings.append(f"convert would stop: {exc}")
+    split, inputs = opened.split, opened.inputs
     components: dict[str, Any] = {}
     peft: list[dict[str, Any]] = []
     expected: set[str] = set()  # what the plain (un-PEFT'd) model's state_dict holds
     reasons: list[dict[str, Any]] = []
-    adapter_section: dict[str, Any] | None = None
-    for comp in layout_config.components:
+    adapter_section: dict[str, Any] | None = {"path": None, "keys": 0, "matches_checkpoint": None}
+    for comp in opened.layout.components:
         keys = split.keys[comp.name]
         prefix = split.outer.prefix + comp.prefix
         components[comp.name] = {"kind": comp.kind, "prefix": prefix, "keys": len(keys)}
         if not keys:
             continue
-        if not (comp.kind == "hf_causal_lm" and is_peft_wrapped(keys)):
-            expected.update(prefix + k for k in keys)
-            continue
         try:
-            layout = detect_peft_layout(keys, str(inputs.checkpoint))
+            analysis = component_keys(keys, str(inputs.checkpoint))
         except ConvertError as exc:
             warnings.append(str(exc))
             continue
-        plain, fate = plain_keys(keys, layout.adapter_name)
-        expected.update(prefix + k for k in plain)
-        reasons.extend(_plain_load_reasons(comp, layout, plain, fate, keys))
-        section, adapter_section = _peft_section(comp, prefix, layout, keys, ckpt, inputs, warnings)
-        peft.append(section)
+        expected.update(prefix + k for k in analysis.plain)
+        if analysis.peft is None or comp.kind != "hf_causal_lm":
+            continue
+        reasons.extend(_plain_load_reasons(comp, analysis))
+        part = next((p for p in plan.parts if p.name == comp.name), None) if plan else None
+        adapter = _adapter(opened, analysis, warnings)
+        peft.append(_peft_section(comp, prefix, analysis, adapter, part, opened, warnings))
+        if adapter is not None:
+            comparison = part.lora.comparison if part is not None else _compare(opened, analysis, adapter)
+            adapter_section = _adapter_section(adapter, comparison, warnings)
+    if inputs.adapter_root is not None and adapter_section.get("path") is None:
+        adapter_section = None
 
-    present = set(ckpt.tensors)
+    present = set(opened.checkpoint.source.keys())
     loaded, missing, unexpected = present & expected, expected - present, present - expected
     if split.unclaimed:
         reasons.append(_reason("unexpected", len(split.unclaimed), "keys that no component of the config claims"))
         warnings.append(
-            f"{len(split.unclaimed)} keys belong to no component of {layout_config.path.name} "
+            f"{len(split.unclaimed)} keys belong to no component of {opened.layout.path.name} "
             f"(e.g. {sorted(split.unclaimed)[0]}); convert stops on them: add a component or a drop rule"
         )
     for reason, dropped in split.dropped.items():
         reasons.append(_reason("unexpected", len(dropped), f"dropped by the config: {reason}"))
-
-    plan = None
-    try:
-        opts = ConvertOptions(
-            run=path,
-            config=config,
-            bases=dict(bases or {}),
-            lora_from="checkpoint",
-            dry_run=True,
-            progress=False,
-            device="cpu",
-        )
-        prepared = prepare(opts)
-        prepared.reader.close()
-        plan = prepared.summary["plan"]
-        warnings.extend(_part_warnings(prepared.parts))
-    except ConvertError as exc:
-        warnings.append(f"convert would stop: {exc}")
-
+    if plan is not None:
+        warnings.extend(_plan_warnings(plan))
     return {
-        "checkpoint": checkpoint,
+        "checkpoint": _checkpoint_section(path, opened),
         "wrappers": {
             "prefix": split.outer.prefix,
             "wrappers": list(split.outer.wrappers),
@@ -131,8 +100,39 @@ def inspect_run(path: Path, config: str = "panorama_vlm", bases: dict[str, Path]
             "reasons": reasons,
         },
         "adapter_folder": adapter_section,
-        "plan": plan,
+        "plan": [p.summary() for p in plan.parts] if plan is not None else None,
         "warnings": warnings,
+    }
+
+
+def _checkpoint_section(path: Path, opened: Opened) -> dict[str, Any]:
+    ckpt, inputs = opened.checkpoint, opened.inputs
+    by_dtype: dict[str, dict[str, int]] = {}
+    for key in ckpt.source.keys():
+        info = ckpt.source.info(key)
+        entry = by_dtype.setdefault(dtype_name(info.dtype), {"tensors": 0, "bytes": 0})
+        entry["tensors"] += 1
+        entry["bytes"] += info.nbytes
+    chosen = inputs
+    if path.is_file():
+        try:
+            chosen = find_inputs(inputs.run)
+        except ConvertError:
+            chosen = inputs
+    return {
+        "path": str(inputs.checkpoint),
+        "format": ckpt.format,
+        "lightning_version": ckpt.lightning_version,
+        "epoch": ckpt.epoch,
+        "global_step": ckpt.global_step,
+        "file_bytes": inputs.checkpoint.stat().st_size,
+        "tensors": sum(d["tensors"] for d in by_dtype.values()),
+        "weight_bytes": sum(d["bytes"] for d in by_dtype.values()),
+        "by_dtype": by_dtype,
+        "non_weight_bytes": sum(ckpt.extras.values()),
+        "non_weight": ckpt.extras,
+        "others": [p.name for p in inputs.checkpoints if p != inputs.checkpoint],
+        "convert_would_choose": {"path": str(chosen.checkpoint), "because": chosen.reason},
     }
 
 
@@ -140,73 +140,84 @@ def _reason(kind: str, count: int, text: str) -> dict[str, Any]:
     return {"kind": kind, "count": count, "reason": f"{count} {kind}: {text}"}
 
 
-def _plain_load_reasons(
-    comp: Component, layout: PeftLayout, plain: dict[str, str], fate: dict[str, list[str]], keys: dict[str, str]
-) -> list[dict[str, Any]]:
+def _plain_load_reasons(comp: Component, analysis: ComponentKeys) -> list[dict[str, Any]]:
     """Why a plain model's load_state_dict misses this PEFT sub-model's keys, grouped by cause."""
+    layout, keys, fates = analysis.peft, analysis.keys, analysis.fates
     reasons = [
         _reason(
             "missing",
-            len(plain),
+            len(analysis.plain),
             f"every {comp.name} key of the plain model; the checkpoint holds "
             "them under PEFT's base_model.model. prefix (and .base_layer for adapted modules)",
         )
     ]
-    merged = fate.get(MERGED, [])
+    merged = fates.get(MERGED, ())
     base_layers = sum(1 for k in merged if k.split(".")[-2] == "base_layer")
     parts = [f"{base_layers} base layers", f"{len(merged) - base_layers} LoRA tensors"]
-    saved = sum(1 for k in keys if f".modules_to_save.{layout.adapter_name}." in f".{k}")
+    saved = sum(1 for k in keys if is_saved_copy(k, layout.adapter_name))
     if saved:
         parts.append(f"{saved} modules_to_save copies")
-    superseded = len(fate.get(SUPERSEDED, []))
+    superseded = len(fates.get(SUPERSEDED, ()))
     if superseded:
         parts.append(f"{superseded} original_module copies")
-    others = len(keys) - len(merged) - superseded - saved
-    parts.append(f"{others} other weights")
-    reasons.append(
-        _reason("unexpected", len(keys), f"every {comp.name} key of the checkpoint, named by PEFT ({', '.join(parts)})")
-    )
+    parts.append(f"{len(keys) - len(merged) - superseded - saved} other weights")
+    text = f"every {comp.name} key of the checkpoint, named by PEFT ({', '.join(parts)})"
+    reasons.append(_reason("unexpected", len(keys), text))
     return reasons
 
 
-def _peft_section(comp, prefix, layout, keys, ckpt, inputs, warnings):
-    rel_tensors = {rel: ckpt.tensors[src] for rel, src in keys.items()}
-    adapter = None
-    adapter_section = None
-    if inputs.adapter_root is not None:
-        try:
-            folder = find_adapter_folder(inputs.adapter_root, layout.adapter_name)
-            adapter = read_adapter_folder(folder) if folder else None
-        except ConvertError as exc:
-            warnings.append(str(exc))
-    if adapter is not None:
-        cmp = compare_sources(rel_tensors, adapter, layout.adapter_name)
-        adapter_keys = list(adapter.tensors)
-        adapter_section = {
-            "path": str(adapter.path),
-            "weights": adapter.weights_path.name,
-            "keys": len(adapter_keys),
-            "lora_pairs": sum(1 for k in adapter_keys if k.split(".")[-2] == "lora_A"),
-            "modules_to_save": sorted(
-                {
-                    k.split(".")[-2]
-                    for k in adapter_keys
-                    if not any(f in k.split(".") for f in ("lora_A", "lora_B"))
-                    and not k.endswith("lora_magnitude_vector")
-                }
-            ),
-            "matches_checkpoint": cmp.equal,
-            "max_abs_diff": cmp.max_abs_diff if not cmp.equal else 0.0,
-            "comparison": cmp.as_dict(),
-        }
-        if not cmp.equal:
-            warnings.append(
-                f"the adapter folder {adapter.weights_path} differs from the checkpoint ({len(cmp.differing)} tensors "
-                f"differ, max abs diff {cmp.max_abs_diff:.3g}; {len(cmp.only_checkpoint) + len(cmp.only_adapter)} "
-                "keys in one only): it was probably saved at another step; convert needs --lora-from"
-            )
-    elif inputs.adapter_root is None:
-        adapter_section = {"path": None, "keys": 0, "matches_checkpoint": None}
+def _adapter(opened: Opened, analysis: ComponentKeys, warnings: list[str]) -> AdapterFolder | None:
+    root = opened.inputs.adapter_root
+    if root is None:
+        return None
+    try:
+        folder = find_adapter_folder(root, analysis.peft.adapter_name)
+        return open_adapter_folder(folder, opened.sources.reader) if folder else None
+    except ConvertError as exc:
+        warnings.append(str(exc))
+        return None
+
+
+def _compare(opened: Opened, analysis: ComponentKeys, adapter: AdapterFolder) -> SourceComparison:
+    """The comparison ``settle`` makes, for a run that cannot be planned."""
+    from .names import ADAPTER
+
+    if ADAPTER not in opened.sources:
+        opened.sources.add(ADAPTER, adapter.source)
+    infos = {rel: opened.checkpoint.source.info(src) for rel, src in analysis.keys.items()}
+    pairing = pair_sources(analysis.keys, infos, adapter, analysis.peft.adapter_name)
+    return compare_sources(pairing, analysis.keys, opened.sources)
+
+
+def _adapter_section(
+    adapter: AdapterFolder, comparison: SourceComparison | None, warnings: list[str]
+) -> dict[str, Any]:
+    keys = adapter.source.keys()
+    classified = classify_adapter_keys(keys)
+    section = {
+        "path": str(adapter.path),
+        "weights": adapter.weights_path.name,
+        "keys": len(keys),
+        "lora_pairs": len(classified.lora_modules),
+        "modules_to_save": classified.saved_names,
+        "trainable_token_modules": list(classified.token_modules),
+        "base_layers_saved": list(classified.base_layers),
+        "matches_checkpoint": comparison.equal if comparison else None,
+        "max_abs_diff": comparison.max_abs_diff if comparison and not comparison.equal else 0.0,
+        "comparison": comparison.as_dict() if comparison else None,
+    }
+    if comparison is not None and not comparison.equal:
+        unpaired = len(comparison.only_checkpoint) + len(comparison.only_adapter)
+        warnings.append(
+            f"the adapter folder {adapter.weights_path} differs from the checkpoint ({len(comparison.differing)} "
+            f"tensors differ, max abs diff {comparison.max_abs_diff:.3g}; {unpaired} keys in one only): it was "
+            "probably saved at another step; convert needs --lora-from"
+        )
+    return section
+
+
+def _peft_section(comp, prefix, analysis, adapter, part, opened, warnings) -> dict[str, Any]:
+    layout = analysis.peft
     section: dict[str, Any] = {
         "component": comp.name,
         "prefix": prefix,
@@ -214,39 +225,42 @@ def _peft_section(comp, prefix, layout, keys, ckpt, inputs, warnings):
         "lora_pairs": len(layout.lora_modules),
         "target_modules": layout.target_names,
         "modules_to_save": layout.saved_names,
+        "trainable_token_modules": list(layout.token_modules),
         "base_layers": layout.base_layers,
         "use_dora": layout.use_dora,
     }
-    try:
-        cfg, source = lora_config_from(layout, adapter, ckpt.hparams, str(inputs.checkpoint))
-        section.update(
-            r=cfg.r,
-            alpha=cfg.lora_alpha,
-            scaling_from=source,
-            use_rslora=bool(cfg.use_rslora),
-            rank_pattern=dict(cfg.rank_pattern or {}),
-            alpha_pattern=dict(cfg.alpha_pattern or {}),
-        )
-    except ConvertError as exc:
-        section.update(r=None, alpha=None, scaling_from=None)
-        warnings.append(str(exc))
-    return section, adapter_section
+    if part is not None and part.lora is not None:
+        cfg, source = part.lora.config, part.lora.config_from
+    else:
+        try:
+            cfg, source = lora_config_from(layout, adapter, opened.checkpoint.hparams, str(opened.inputs.checkpoint))
+        except ConvertError as exc:
+            section.update(r=None, alpha=None, scaling_from=None)
+            warnings.append(str(exc))
+            return section
+    section.update(
+        r=cfg.r,
+        alpha=cfg.lora_alpha,
+        scaling_from=source,
+        use_rslora=bool(cfg.use_rslora),
+        rank_pattern=dict(cfg.rank_pattern or {}),
+        alpha_pattern=dict(cfg.alpha_pattern or {}),
+    )
+    return section
 
 
-def _part_warnings(parts) -> list[str]:
+def _plan_warnings(plan: Plan) -> list[str]:
     found = []
-    for part in parts:
-        tied = getattr(part, "_tied_config", lambda: False)()
-        if tied and not part.tie:
+    for part in plan.parts:
+        if part.tie is not None and part.tie.configured and not part.tied:
             found.append(
-                f"{part.comp.name}: the trained lm_head differs from embed_tokens under "
-                "tie_word_embeddings: true; a plain reload would drop it; convert writes "
-                "tie_word_embeddings: false and keeps both"
+                f"{part.name}: the trained lm_head differs from embed_tokens under tie_word_embeddings: true; a plain "
+                "reload would drop it; convert writes tie_word_embeddings: false and keeps both"
             )
-        if "vocab_size_changed" in part.info:
+        if part.vocab_resized is not None:
             found.append(
-                f"{part.comp.name}: the checkpoint's vocabulary has {part.info['vocab_size_changed']} rows, "
-                "the base config another vocab_size; convert writes the checkpoint's"
+                f"{part.name}: the checkpoint's vocabulary has {part.vocab_resized} rows, the base config another "
+                "vocab_size; convert writes the checkpoint's"
             )
     return found
 

@@ -10,17 +10,21 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 
-from .config import Component, LayoutConfig
 from .errors import ConvertError, preview
+from .layout import Component, LayoutConfig
 
 PEFT_PREFIX = "base_model.model."
 LORA_FACTORS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-_ADAPTER_SLOT = re.compile(r"^(?:.+\.)?(?:" + "|".join(LORA_FACTORS) + r"|modules_to_save)\.(?P<name>[^.]+)(?:\..+)?$")
+TOKEN_ADAPTER = "token_adapter"  # PEFT's trainable tokens: <module>.token_adapter.{base_layer,trainable_tokens_delta}
+TOKEN_DELTA = "trainable_tokens_delta"
+_NAMED = (*LORA_FACTORS, TOKEN_DELTA)  # segments followed by the adapter's name
+_ADAPTER_SLOT = re.compile(r"^(?:.+\.)?(?:" + "|".join((*_NAMED, "modules_to_save")) + r")\.(?P<name>[^.]+)(?:\..+)?$")
 
 # Dispositions of a source key.
 WRITTEN = "written"
 MERGED = "merged into its base layer"
 SUPERSEDED = "original_module superseded by modules_to_save"
+TIED = "lm_head tied to the input embeddings (identical values)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,9 +36,10 @@ class OuterPrefix:
     attribute: str | None
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Split:
-    """Source keys sorted by component. ``keys[name]`` maps the component-relative key to the source key."""
+    """Source keys sorted by component. ``keys[name]`` maps the component-relative key (inner wrappers removed)
+    to the source key."""
 
     outer: OuterPrefix
     keys: dict[str, dict[str, str]]
@@ -62,6 +67,12 @@ class PeftLayout:
     modules_to_save: tuple[str, ...]  # module paths wrapped by ModulesToSaveWrapper
     use_dora: bool
     base_layers: int
+    token_modules: tuple[str, ...] = ()  # module paths with trainable token rows (token_adapter)
+
+    @property
+    def merged_modules(self) -> tuple[str, ...]:
+        """The module paths whose weights a merge changes: LoRA layers and trainable-token layers."""
+        return tuple(sorted({*self.lora_modules, *self.token_modules}))
 
     @property
     def target_names(self) -> list[str]:
@@ -131,18 +142,29 @@ def detect_outer_prefix(keys: list[str], config: LayoutConfig) -> OuterPrefix:
     return OuterPrefix(".".join(best) + "." if best else "", wrappers, attribute)
 
 
+def strip_inner_wrappers(key: str, inner: Iterable[str]) -> str:
+    """``key`` without the segments that wrappers insert anywhere (e.g. ``_checkpoint_wrapped_module``)."""
+    inner = set(inner)
+    return ".".join(seg for seg in key.split(".") if seg not in inner) if inner else key
+
+
 def split_components(keys: Iterable[str], config: LayoutConfig) -> Split:
     """Assign every source key to a component or a drop rule; the rest are listed in ``unclaimed``."""
-    keys = list(keys)
-    outer = detect_outer_prefix(keys, config)
+    names: dict[str, str] = {}  # key without inner wrappers -> source key
+    for key in keys:
+        name = strip_inner_wrappers(key, config.inner_wrappers)
+        if name in names:
+            raise ConvertError(f"two checkpoint keys name the same tensor {name!r}: {names[name]!r} and {key!r}")
+        names[name] = key
+    outer = detect_outer_prefix(list(names), config)
     by_comp: dict[str, dict[str, str]] = {c.name: {} for c in config.components}
     dropped: dict[str, list[str]] = defaultdict(list)
     unclaimed = []
-    for key in keys:
-        if not key.startswith(outer.prefix):
+    for name, key in names.items():
+        if not name.startswith(outer.prefix):
             unclaimed.append(key)
             continue
-        rest = key[len(outer.prefix) :]
+        rest = name[len(outer.prefix) :]
         rule = next((r for r in config.drop if r.pattern.match(rest)), None)
         if rule is not None:
             dropped[rule.reason].append(key)
@@ -165,7 +187,7 @@ def is_peft_wrapped(keys: Iterable[str]) -> bool:
 def detect_peft_layout(keys: Iterable[str], where: str) -> PeftLayout:
     """Read adapter name(s), adapted modules and modules_to_save from a PEFT sub-model's keys."""
     names: set[str] = set()
-    lora, lora_b, saved = set(), set(), set()
+    lora, lora_b, saved, tokens = set(), set(), set(), set()
     dora = False
     base_layers = 0
     for key in keys:
@@ -183,6 +205,8 @@ def detect_peft_layout(keys: Iterable[str], where: str) -> PeftLayout:
                 saved.add(".".join(parts[:i]))
             elif seg == "lora_magnitude_vector":
                 dora = True
+            elif seg == TOKEN_DELTA and i > 0 and parts[i - 1] == TOKEN_ADAPTER:
+                tokens.add(".".join(parts[: i - 1]))
             elif seg == "base_layer" and i == len(parts) - 2 and parts[-1] == "weight":
                 base_layers += 1
     if len(names) > 1:
@@ -199,13 +223,15 @@ def detect_peft_layout(keys: Iterable[str], where: str) -> PeftLayout:
             f"{where}: {len(unpaired)} LoRA modules are incomplete: {preview(which, 2)}; "
             "the checkpoint is damaged or was edited; re-save it from the training run"
         )
-    return PeftLayout(names.pop(), tuple(sorted(lora)), tuple(sorted(saved)), dora, base_layers)
+    return PeftLayout(names.pop(), tuple(sorted(lora)), tuple(sorted(saved)), dora, base_layers, tuple(sorted(tokens)))
 
 
 def _peft_rules(adapter: str) -> list[tuple[re.Pattern[str], str | None, str]]:
     """Ordered, anchored rules from a PEFT key (without ``base_model.model.``) to the plain HF key."""
     a = re.escape(adapter)
     return [
+        (re.compile(rf"^(?P<m>.+)\.{TOKEN_ADAPTER}\.base_layer\.(?P<p>[^.]+)$"), r"\g<m>.\g<p>", MERGED),
+        (re.compile(rf"^.+\.{TOKEN_ADAPTER}\.{TOKEN_DELTA}\.{a}$"), None, MERGED),
         (re.compile(r"^(?P<m>.+)\.base_layer\.(?P<p>[^.]+)$"), r"\g<m>.\g<p>", MERGED),
         (re.compile(rf"^.+\.(?:lora_A|lora_B)\.{a}\.weight$"), None, MERGED),
         (re.compile(rf"^.+\.(?:lora_embedding_A|lora_embedding_B)\.{a}$"), None, MERGED),
@@ -219,8 +245,8 @@ def _peft_rules(adapter: str) -> list[tuple[re.Pattern[str], str | None, str]]:
 def plain_keys(keys: Iterable[str], adapter: str) -> tuple[dict[str, str], dict[str, list[str]]]:
     """Map PEFT keys to the merged model's plain keys.
 
-    Returns ``(plain -> source key of the tensor written under it, disposition -> source keys)``. A base_layer
-    key maps to the plain weight that receives the merge; LoRA factors and superseded originals map to nothing.
+    Returns ``(plain -> the key of the tensor written under it, disposition -> keys)``. A base_layer key maps to
+    the plain weight that receives the merge; LoRA factors and superseded originals map to nothing.
     """
     rules = _peft_rules(adapter)
     plain: dict[str, str] = {}
@@ -243,8 +269,64 @@ def adapter_key(key: str, adapter: str) -> str | None:
     for i, seg in enumerate(parts[:-1]):
         if seg == "lora_magnitude_vector" and parts[i + 1 :] == [adapter, "weight"]:
             return ".".join(parts[: i + 1])  # PEFT keeps DoRA's pre-refactor key, without ".weight"
-        if seg in LORA_FACTORS and parts[i + 1] == adapter:
+        if seg in _NAMED and parts[i + 1] == adapter:
             return ".".join(parts[: i + 1] + parts[i + 2 :])
         if seg == "modules_to_save" and parts[i + 1] == adapter:
             return ".".join(parts[:i] + parts[i + 2 :])
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterKeys:
+    """What an adapter folder's keys (names without the adapter) hold, by PEFT's naming."""
+
+    lora_modules: tuple[str, ...]  # modules with lora_A/lora_B or lora_embedding_A/B
+    modules_to_save: tuple[str, ...]  # modules saved whole (ModulesToSaveWrapper's trained copy)
+    token_modules: tuple[str, ...]  # modules with trainable token rows
+    base_layers: tuple[str, ...]  # base layers saved too (resized or adapted embedding layers)
+
+    @property
+    def saved_names(self) -> list[str]:
+        return sorted({m.rsplit(".", 1)[-1] for m in self.modules_to_save})
+
+
+def classify_adapter_keys(keys: Iterable[str]) -> AdapterKeys:
+    """Sort an adapter folder's keys into LoRA modules, trainable tokens, saved base layers and modules_to_save."""
+    lora, saved, tokens, bases = set(), set(), set(), set()
+    for key in keys:
+        parts = key.removeprefix(PEFT_PREFIX).split(".")
+        factor = next((i for i, seg in enumerate(parts) if seg in LORA_FACTORS), None)
+        if factor is not None:
+            lora.add(".".join(parts[:factor]))
+        elif TOKEN_DELTA in parts:
+            tokens.add(".".join(parts[: parts.index(TOKEN_DELTA)]).removesuffix("." + TOKEN_ADAPTER))
+        elif len(parts) >= 2 and parts[-2] == "base_layer":
+            bases.add(".".join(parts[:-2]))
+        else:
+            saved.add(".".join(parts[:-1]))
+    return AdapterKeys(*(tuple(sorted(s)) for s in (lora, saved, tokens, bases)))
+
+
+def is_saved_copy(key: str, adapter: str) -> bool:
+    """True for a modules_to_save copy of ``adapter`` (``...<module>.modules_to_save.<adapter>.<param>``)."""
+    parts = key.split(".")
+    return any(seg == "modules_to_save" and parts[i + 1] == adapter for i, seg in enumerate(parts[:-2]))
+
+
+@dataclasses.dataclass(frozen=True)
+class ComponentKeys:
+    """A component's keys and what their names alone say: the PEFT layout, the plain names, each key's fate."""
+
+    keys: dict[str, str]  # component-relative key -> source key
+    peft: PeftLayout | None
+    plain: dict[str, str]  # plain key -> component-relative key of the tensor written under it
+    fates: dict[str, tuple[str, ...]]  # fate -> component-relative keys
+
+
+def component_keys(keys: dict[str, str], where: str) -> ComponentKeys:
+    """Read a component's keys: a PEFT sub-model is mapped to the plain model's names (``plain_keys``)."""
+    if not is_peft_wrapped(keys):
+        return ComponentKeys(keys, None, {rel: rel for rel in keys}, {WRITTEN: tuple(keys)})
+    layout = detect_peft_layout(keys, where)
+    plain, fates = plain_keys(keys, layout.adapter_name)
+    return ComponentKeys(keys, layout, plain, {fate: tuple(rels) for fate, rels in fates.items()})

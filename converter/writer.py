@@ -1,7 +1,8 @@
-"""Writing the export: a staging folder renamed into place, safetensors files, support files, hashes."""
+"""Writing the export: a staging folder renamed into place, safetensors files, configs and support files, hashes."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -17,25 +18,10 @@ from safetensors.torch import save_file
 
 from .errors import ConvertError
 from .hashing import sha256_file
+from .names import SAFETENSORS_METADATA, WEIGHTS
+from .plan import PartPlan
 
 log = logging.getLogger(__name__)
-
-SAFETENSORS_METADATA = {"format": "pt"}
-# Files copied from a base folder when present: generation settings, tokenizer, processor.
-SUPPORT_FILES = (
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-    "preprocessor_config.json",
-    "processor_config.json",
-)
 
 
 @contextmanager
@@ -118,32 +104,34 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(Path(dirpath))
 
 
-def write_hf_weights(folder: Path, tensors: Mapping[str, torch.Tensor], max_shard_size: str | int) -> None:
-    """model.safetensors, or shards plus model.safetensors.index.json, via huggingface_hub's serializer."""
+def write_weights(folder: Path, tensors: Mapping[str, torch.Tensor], max_shard_size: str | int | None) -> None:
+    """model.safetensors, or (with ``max_shard_size``) shards plus model.safetensors.index.json, via
+    huggingface_hub's serializer, which names, splits and indexes them as transformers expects."""
     from huggingface_hub import save_torch_state_dict
 
+    folder.mkdir(parents=True, exist_ok=True)
+    if max_shard_size is None:
+        save_file({k: t.contiguous() for k, t in tensors.items()}, folder / WEIGHTS, metadata=SAFETENSORS_METADATA)
+        return
     # huggingface_hub logs "Model weights successfully saved to <staging folder>" under a logger named after its
     # file; the staging path would only confuse, the CLI reports the final folder.
     logging.getLogger(sys.modules[save_torch_state_dict.__module__].__file__).setLevel(logging.WARNING)
-    folder.mkdir(parents=True, exist_ok=True)
     save_torch_state_dict(dict(tensors), folder, max_shard_size=max_shard_size, metadata=dict(SAFETENSORS_METADATA))
 
 
-def write_module_file(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    """One safetensors file holding a module's state_dict."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: t.contiguous() for k, t in tensors.items()}, path, metadata=dict(SAFETENSORS_METADATA))
-
-
-def copy_support_files(base: Path, folder: Path) -> list[str]:
-    """Copy the generation config, tokenizer and processor files that ``base`` has; return their names."""
-    copied = []
-    for name in SUPPORT_FILES:
-        src = base / name
-        if src.is_file():
-            shutil.copyfile(src, folder / name)
-            copied.append(name)
-    return copied
+def write_config(part: PartPlan, folder: Path, tied: bool) -> list[str]:
+    """The part's config.json (``tie_word_embeddings`` false when a configured tie is not kept) and the support
+    files its base has (generation config, tokenizer, processor); returns the names of the files copied."""
+    if part.config is None:
+        return []
+    config = copy.deepcopy(part.config)
+    if part.tie is not None and part.tie.configured and not tied:
+        config.get_text_config(decoder=True).tie_word_embeddings = False
+        config.tie_word_embeddings = False
+    config.save_pretrained(folder)
+    for name in part.support_files:
+        shutil.copyfile(part.base.path / name, folder / name)
+    return list(part.support_files)
 
 
 def file_records(root: Path, known: dict[str, str] | None = None) -> list[dict[str, object]]:

@@ -14,6 +14,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from converter.example import RunSpec, TinyShape, build_bases, build_run  # noqa: E402
 
+from helpers import run_convert  # noqa: E402
+from trainers import causal_lm_module  # noqa: E402
+
 for _name in ("lightning", "lightning.pytorch", "lightning.fabric"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 warnings.filterwarnings("ignore")
@@ -25,9 +28,9 @@ def bases(tmp_path_factory) -> tuple[Path, Path]:
     return build_bases(tmp_path_factory.mktemp("bases"))
 
 
-def _run(tmp_path_factory, bases, **spec) -> Path:
+def _run(tmp_path_factory, bases, make_module=None, **spec) -> Path:
     root = tmp_path_factory.mktemp(spec.get("name", "run"))
-    return build_run(root, RunSpec(**spec), bases=bases)
+    return build_run(root, RunSpec(**spec), bases=bases, make_module=make_module)
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +61,7 @@ def dora_run(tmp_path_factory, bases) -> Path:
 @pytest.fixture(scope="session")
 def causal_lm_run(tmp_path_factory, bases) -> Path:
     """A plain Lightning + PEFT causal LM without modules_to_save: lm_head stays tied."""
-    return _run(tmp_path_factory, bases, name="causal", causal_lm=True, modules_to_save=None)
+    return _run(tmp_path_factory, bases, lambda vision, lm: causal_lm_module(lm), name="causal")
 
 
 @pytest.fixture(scope="session")
@@ -67,3 +70,10 @@ def deep_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("deep")
     shape = TinyShape(layers=28, hidden=16, intermediate=32, heads=2, kv_heads=1, head_dim=8, vocab=64)
     return build_run(root, RunSpec(name="deep", steps=1), bases=build_bases(root, shape))
+
+
+@pytest.fixture(scope="session")
+def pano_export(pano_run, tmp_path_factory):
+    """The seed run converted by the full engine with verification on: (folder, manifest)."""
+    out = tmp_path_factory.mktemp("exports") / "pano"
+    return out, run_convert(pano_run, out, engine="full", verify=True)

@@ -14,14 +14,31 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 from converter.cli import main
 from converter.convert import ConvertOptions, convert
-from converter.example import Resampler, load_trained_module, make_projector, panorama_logits
+from converter.example import Resampler, make_projector, panorama_logits
+
+from trainers import load_trained_module
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_convert(run: Path, out: Path, **options) -> dict:
-    """The library call, quiet."""
-    return convert(ConvertOptions(run=run, out=out, progress=False, **options))
+def run_convert(run: Path, out: Path, verify: bool = False, **options) -> dict:
+    """The library call, quiet; without verification unless asked (tests that check values compare themselves)."""
+    return convert(ConvertOptions(run=run, out=out, progress=False, verify=verify, **options))
+
+
+def export_tensors(out: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an export, keyed ``folder/name``."""
+    found = {}
+    for path in sorted(out.rglob("*.safetensors")):
+        found.update({f"{path.relative_to(out).parent.as_posix()}/{k}": v for k, v in load_file(path).items()})
+    return found
+
+
+def assert_same_tensors(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """The same keys, and every tensor equal in dtype and value."""
+    assert sorted(got) == sorted(expected)
+    different = [k for k in expected if got[k].dtype != expected[k].dtype or not torch.equal(got[k], expected[k])]
+    assert different == []
 
 
 def cli(capsys, *argv: str) -> tuple[int, str, str]:

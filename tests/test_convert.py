@@ -6,22 +6,15 @@ import hashlib
 import json
 import shutil
 
-import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from helpers import export_logits, load_report, probe, run_convert, trained_logits
+from helpers import assert_same_tensors, export_logits, export_tensors, load_report, probe, run_convert, trained_logits
+from trainers import load_trained_module
 
 CLEAN = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
-
-
-@pytest.fixture(scope="module")
-def pano_export(pano_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("exports") / "pano"
-    manifest = run_convert(pano_run, out)
-    return out, manifest
 
 
 def test_export_layout(pano_export):
@@ -200,15 +193,12 @@ def test_wrapper_prefixes_are_stripped(pano_run, pano_export, tmp_path):
     assert manifest["wrappers"]["wrappers"] == ["_forward_module", "module", "_orig_mod"]
     assert manifest["wrappers"]["attribute"] == "model"
     reference, _ = pano_export
-    for name in ("language_model", "vision_encoder", "resampler", "projector"):
-        a = load_file(tmp_path / "out" / name / "model.safetensors")
-        b = load_file(reference / name / "model.safetensors")
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_tensors(export_tensors(tmp_path / "out"), export_tensors(reference))
 
 
-def test_bfloat16_export(pano_run, tmp_path):
+def test_bfloat16_export_is_verified_within_its_tolerance(pano_run, tmp_path):
     out = tmp_path / "bf16"
-    manifest = run_convert(pano_run, out, dtype="bfloat16")
+    manifest = run_convert(pano_run, out, dtype="bfloat16", verify=True)
     written = load_file(out / "language_model" / "model.safetensors")
     assert {t.dtype for t in written.values()} == {torch.bfloat16}
     assert json.loads((out / "language_model" / "config.json").read_text())["dtype"] == "bfloat16"
@@ -227,8 +217,6 @@ def test_causal_lm_config_keeps_an_untrained_tie(causal_lm_run, tmp_path):
     assert manifest["keys"]["language_model"]["lm_head tied to the input embeddings (identical values)"] == 1
     model, info = load_report(out)
     assert info == CLEAN
-    from converter.example import load_trained_module
-
     module = load_trained_module(causal_lm_run)
     ids = torch.randint(0, model.config.vocab_size, (2, 7))
     with torch.no_grad():
@@ -241,9 +229,7 @@ def test_lora_config_from_hyper_parameters_without_adapter_folder(pano_run, pano
     manifest = run_convert(run, tmp_path / "out")
     assert manifest["adapter"]["config_from"] == "hyper_parameters"
     assert manifest["source"]["adapter_folder"] is None
-    a = load_file(tmp_path / "out" / "language_model" / "model.safetensors")
-    b = load_file(pano_export[0] / "language_model" / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert_same_tensors(export_tensors(tmp_path / "out"), export_tensors(pano_export[0]))
 
 
 def test_newest_checkpoint_by_global_step(stale_adapter_run, tmp_path):

@@ -10,11 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from converter.engines.streams import ReadAhead, SafetensorsStream
 from converter.errors import ConvertError
-from converter.lazy import SpanReader
-from converter.stream import ReadAhead, SafetensorsStream
 
-from helpers import run_convert
+from helpers import assert_same_tensors, export_tensors, run_convert
 
 CASES = {
     "pano": ("pano_run", {}),
@@ -27,23 +26,17 @@ CASES = {
 }
 
 
-def _tensors(out):
-    found = {}
-    for path in sorted(out.rglob("*.safetensors")):
-        found.update({f"{path.relative_to(out).parent}/{k}": v for k, v in load_file(path).items()})
-    return found
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_engines_write_identical_tensors(case, request, tmp_path):
     fixture, options = CASES[case]
     run = request.getfixturevalue(fixture)
     full = run_convert(run, tmp_path / "full", engine="full", **options)
     streaming = run_convert(run, tmp_path / "streaming", engine="streaming", **options)
-    a, b = _tensors(tmp_path / "full"), _tensors(tmp_path / "streaming")
-    assert a.keys() == b.keys()
-    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert_same_tensors(export_tensors(tmp_path / "streaming"), export_tensors(tmp_path / "full"))
     files = sorted(p.relative_to(tmp_path / "full").as_posix() for p in (tmp_path / "full").rglob("*.json"))
+    assert files == sorted(
+        p.relative_to(tmp_path / "streaming").as_posix() for p in (tmp_path / "streaming").rglob("*.json")
+    )
     for rel in files:
         if rel != "manifest.json":
             assert json.loads((tmp_path / "full" / rel).read_text()) == json.loads(
@@ -51,11 +44,21 @@ def test_engines_write_identical_tensors(case, request, tmp_path):
             ), rel
     assert full["keys"] == streaming["keys"]
     assert (full["engine"], streaming["engine"]) == ("full", "streaming")
-    for name, check in streaming["verification"].items():
-        assert check["exact_tensors"] == full["verification"][name]["exact_tensors"]
-        if check.get("merged_tensors"):
-            assert check["layers_checked"] > 0
-            assert check["max_rel_layer_output_diff"] <= check["layer_tolerance"]
+
+
+def test_streaming_engine_verifies_what_it_wrote(pano_run, pano_export, tmp_path):
+    """The streaming engine's own checks: the same exact copies as the full engine's, every merged layer's output
+    against the unmerged layer's, the folders reloaded on the meta device."""
+    manifest = run_convert(pano_run, tmp_path / "out", engine="streaming", verify=True)
+    full = pano_export[1]["verification"]
+    checks = manifest["verification"]
+    assert {name: c["exact_tensors"] for name, c in checks.items()} == {
+        name: c["exact_tensors"] for name, c in full.items()
+    }
+    lm = checks["language_model"]
+    assert (lm["loads_clean"], lm["merged_tensors"], lm["layers_checked"]) == (True, 14, 14)
+    assert lm["max_rel_layer_output_diff"] <= lm["layer_tolerance"] == 1e-4
+    assert checks["vision_encoder"]["loads_clean"] is True and checks["vision_encoder"]["layers_checked"] == 0
 
 
 def test_auto_engine_follows_max_memory(pano_run, tmp_path):
@@ -63,18 +66,17 @@ def test_auto_engine_follows_max_memory(pano_run, tmp_path):
     assert run_convert(pano_run, tmp_path / "b", dry_run=True, max_memory="100KB")["engine"] == "streaming"
 
 
-def test_small_chunks_and_a_small_pool_write_the_same_tensors(pano_run, tmp_path, monkeypatch):
+def test_small_chunks_and_a_small_pool_write_the_same_tensors(pano_run, pano_export, tmp_path):
     """Every tensor spans several chunks and merge inputs outgrow a chunk, so the reader's pool lends, takes back
     and reuses buffers of mixed sizes while the read-ahead, writer and hasher threads hold some of them."""
-    full = run_convert(pano_run, tmp_path / "full", engine="full")
-    monkeypatch.setattr(SpanReader.__init__, "__defaults__", (4096, False, 16384))  # chunk, pin, pool bytes
+    reference = export_tensors(pano_export[0])
     for dtype in ("float32", "bfloat16"):
-        streaming = run_convert(pano_run, tmp_path / dtype, engine="streaming", dtype=dtype)
-        reference = _tensors(tmp_path / "full")
-        got = _tensors(tmp_path / dtype)
-        assert got.keys() == reference.keys()
-        assert all(torch.equal(got[k], reference[k].to(got[k].dtype)) for k in got)
-        assert streaming["keys"] == full["keys"]
+        streaming = run_convert(
+            pano_run, tmp_path / dtype, engine="streaming", dtype=dtype, chunk_bytes=4096, pool_bytes=16384
+        )
+        expected = {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in reference.items()}
+        assert_same_tensors(export_tensors(tmp_path / dtype), expected)
+        assert streaming["keys"] == pano_export[1]["keys"]
 
 
 def test_read_ahead_keeps_order_and_raises_the_producers_error():

@@ -107,7 +107,15 @@ def test_missing_base_config_names_the_option(run_copy, tmp_path, capsys):
     # the option it names works
     lm = ckpt["hyper_parameters"]["vision_name"].replace("vision_encoder", "language_model")
     code, _, stderr = cli(
-        capsys, "convert", run_copy, "--out", tmp_path / "out", "--base", f"language_model={lm}", "--quiet"
+        capsys,
+        "convert",
+        run_copy,
+        "--out",
+        tmp_path / "out",
+        "--base",
+        f"language_model={lm}",
+        "--quiet",
+        "--no-verify",
     )
     assert code == 0, stderr
 
@@ -139,7 +147,7 @@ def test_existing_out_needs_force(pano_run, tmp_path, capsys):
     line = _one_line_error(capsys, "convert", pano_run, "--out", out)
     assert line == f"ckpt2hf: error: {out}: already exists; pass --force to replace it or choose another --out"
     assert (out / "keep.txt").read_text() == "previous export"
-    code, _, _ = cli(capsys, "convert", pano_run, "--out", out, "--force", "--quiet")
+    code, _, _ = cli(capsys, "convert", pano_run, "--out", out, "--force", "--quiet", "--no-verify")
     assert code == 0 and not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
@@ -155,6 +163,26 @@ def test_dry_run_writes_nothing(pano_run, tmp_path, capsys):
     assert by_name["language_model"]["tie_word_embeddings"] is False
     code, stdout, _ = cli(capsys, "convert", pano_run, "--out", out, "--dry-run")
     assert code == 0 and "language_model" in stdout and "25 tensors" in stdout
+
+
+def test_dry_run_reads_no_tensor_data(run_copy, pano_run, tmp_path, capsys):
+    """Every tensor record of the checkpoint is damaged: the plan (metadata only) is the clean run's; a real
+    conversion, which reads the data, stops on the first damaged record."""
+    from converter.sources import SpanReader, open_checkpoint
+
+    ckpt = run_copy / "checkpoints" / "last.ckpt"
+    with SpanReader() as reader:
+        spans = open_checkpoint(ckpt, reader).source.spans.values()
+        offsets = {span.record.offset for span in spans if span.nbytes}
+    data = bytearray(ckpt.read_bytes())
+    for offset in offsets:
+        data[offset] ^= 0xFF
+    ckpt.write_bytes(bytes(data))
+    damaged = run_convert(run_copy, tmp_path / "a", dry_run=True)
+    clean = run_convert(pano_run, tmp_path / "b", dry_run=True)
+    assert damaged["plan"] == clean["plan"] and damaged["engine"] == clean["engine"] == "full"
+    line = _one_line_error(capsys, "convert", run_copy, "--out", tmp_path / "out")
+    assert "fails its CRC-32 check" in line
 
 
 def test_json_summary_and_no_traceback_in_a_real_process(pano_run, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import torch
 from torch import nn
@@ -104,4 +105,30 @@ def test_cli_json_and_text(pano_run, capsys):
         "plan (convert --dry-run)",
         "warnings",
     ]
-    assert render(inspect_run(pano_run)) == render(inspect_run(pano_run))
+    rows = _rows(render(inspect_run(pano_run)))
+    assert rows["peft: language_model"][:4] == [
+        ["prefix", "model.language_model."],
+        ["adapter", "default"],
+        ["lora pairs", "14"],
+        ["targets", "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"],
+    ]
+    assert ["r / alpha", "32 / 64 (from adapter_config.json)"] in rows["peft: language_model"]
+    assert ["matches ckpt", "yes"] in rows["adapter folder"]
+    assert [r[:3] for r in rows["plan (convert --dry-run)"]] == [
+        ["vision_encoder", "vision_encoder/", "48 tensors"],
+        ["resampler", "resampler/", "7 tensors"],
+        ["projector", "projector/", "4 tensors"],
+        ["language_model", "language_model/", "25 tensors"],
+    ]
+
+
+def _rows(text: str) -> dict[str, list[list[str]]]:
+    """The rendered report as section -> rows of cells (cells are separated by two or more spaces)."""
+    sections: dict[str, list[list[str]]] = {}
+    current = None
+    for line in text.splitlines():
+        if line and not line.startswith(" "):
+            current = sections.setdefault(line, [])
+        elif line.strip():
+            current.append(re.split(r"\s{2,}", line.strip()))
+    return sections

@@ -26,7 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import REPO, cli, run_convert, tree_digest
+from helpers import REPO, assert_same_tensors, cli, export_tensors, run_convert, tree_digest
 
 pytestmark = pytest.mark.trust
 
@@ -213,9 +213,7 @@ def test_benign_unknown_objects_still_convert(case, run_copy, reference, tmp_pat
     with caplog.at_level("WARNING", logger="converter"):
         run_convert(run_copy, tmp_path / "out")
     assert "were read as inert placeholders (never constructed)" in caplog.text
-    a = load_file(tmp_path / "out" / "language_model" / "model.safetensors")
-    b = load_file(reference / "language_model" / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert_same_tensors(export_tensors(tmp_path / "out"), export_tensors(reference))
 
 
 def test_hyper_parameters_of_a_vanished_dict_class(run_copy, reference, tmp_path):
@@ -252,9 +250,10 @@ def _flip(path, offset):
     ],
 )
 def test_flipped_byte_in_tensor_data_fails_crc(run_copy, tmp_path, capsys, engine, key):
-    from converter.reader import read_checkpoint
+    from converter.sources import SpanReader, open_checkpoint
 
-    span = read_checkpoint(_ckpt(run_copy), verify_crc=False).spans[key]
+    with SpanReader() as reader:
+        span = open_checkpoint(_ckpt(run_copy), reader).source.spans[key]
     _flip(_ckpt(run_copy), span.offset + 5)
     line = _refused(capsys, run_copy, tmp_path, "--engine", engine, "--lora-from", "checkpoint")
     assert "fails its CRC-32 check (stored " in line and line.endswith("the file is corrupt; re-copy it")
@@ -449,15 +448,19 @@ def test_verify_catches_one_changed_byte(export, capsys):
 
 def test_verify_catches_missing_and_extra_files_and_a_broken_index(export, capsys):
     shard = sorted((export / "language_model").glob("model-*.safetensors"))[-1]
+    weight_map = json.loads((export / "language_model" / "model.safetensors.index.json").read_text())["weight_map"]
+    lost = sorted(t for t, s in weight_map.items() if s == shard.name)
+    assert lost
     shard.unlink()
     (export / "projector" / "notes.txt").write_text("x")
     code, lines, _ = _verify(capsys, export)
     assert code == 1
+    index = "index: language_model/model.safetensors.index.json"
     assert lines == [
         f"missing: language_model/{shard.name}",
         "not in the manifest: projector/notes.txt",
-        f"index: language_model/model.safetensors.index.json names language_model/{shard.name}, which is not there",
-    ] + [line for line in lines if line.startswith("index: language_model/model.safetensors.index.json puts ")]
+        f"{index} names language_model/{shard.name}, which is not there",
+    ] + [f"{index} puts {t} in {shard.name}, which does not hold it" for t in lost]
 
 
 def test_verify_checks_safetensors_metadata(export, capsys):

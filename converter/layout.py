@@ -38,9 +38,10 @@ class LayoutConfig:
     name: str
     path: Path
     components: tuple[Component, ...]
-    wrappers: tuple[str, ...]
+    wrappers: tuple[str, ...]  # segments that may lead every key (DDP's module., Fabric's _forward_module., ...)
     attribute: str | None
     drop: tuple[DropRule, ...]
+    inner_wrappers: tuple[str, ...] = ()  # segments removed wherever they stand (activation checkpointing, FSDP)
 
     def component(self, name: str) -> Component:
         for comp in self.components:
@@ -61,7 +62,7 @@ def resolve_config_path(name_or_path: str) -> Path:
     raise ConvertError(f"{name_or_path}: no such config; pass a YAML file or one of: {known}")
 
 
-def load_config(name_or_path: str = "panorama_vlm") -> LayoutConfig:
+def load_layout(name_or_path: str = "panorama_vlm") -> LayoutConfig:
     """Read and validate a layout config; raise ConvertError naming the file and the field at fault."""
     path = resolve_config_path(name_or_path)
     try:
@@ -71,6 +72,9 @@ def load_config(name_or_path: str = "panorama_vlm") -> LayoutConfig:
 
     def bad(what: str) -> ConvertError:
         return ConvertError(f"{path}: {what}; see configs/panorama_vlm.yaml for the format")
+
+    if not isinstance(raw, dict):
+        raise bad("expected a mapping with components")
 
     components = []
     for i, item in enumerate(raw.get("components") or []):
@@ -106,4 +110,5 @@ def load_config(name_or_path: str = "panorama_vlm") -> LayoutConfig:
         wrappers=tuple(raw.get("wrappers") or ()),
         attribute=None if attribute in (None, "auto") else str(attribute),
         drop=tuple(drop),
+        inner_wrappers=tuple(raw.get("inner_wrappers") or ()),
     )

@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 
-from .errors import ConvertError
+from ..errors import ConvertError
+from .pread import Record
 
 # Top-level modules whose globals can act on the system; any reference to one of them makes a file hostile.
 DANGEROUS_MODULES = frozenset(
@@ -205,16 +206,6 @@ def _allowed_globals() -> dict[str, Any]:
     allowed = dict(_get_allowed_globals())
     allowed.update({f"builtins.{name}": getattr(builtins, name) for name in _SAFE_BUILTINS})
     return allowed
-
-
-@dataclasses.dataclass(frozen=True)
-class Record:
-    """A tensor-data record in the zip: where its bytes are and the CRC-32 the zip stores for them."""
-
-    name: str
-    offset: int
-    nbytes: int
-    crc: int
 
 
 class _Unpickler(pickle.Unpickler):

@@ -1,0 +1,114 @@
+"""The full engine: the whole unmerged PEFT model in memory, PEFT's ``merge_and_unload``, one cast, one write.
+
+It holds about three float32 copies of the model at its peak; in return verification runs the unmerged model and
+the reloaded export end to end on the same input and compares their logits."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import checks
+from ..errors import ConvertError, preview
+from ..merge import build_peft_model, merge_and_unload
+from ..plan import PartPlan
+from ..policy import cast_checked, settled_tie
+from ..sources import Sources
+from ..writer import write_weights
+from .base import Engine, Written
+
+log = logging.getLogger(__name__)
+
+
+class FullEngine(Engine):
+    name = "full"
+
+    def write(self, part: PartPlan, folder: Path, verify: bool) -> FullWritten:
+        reference = probe = None
+        if part.lora is not None:
+            state, reference, probe = self._merged_state(part, verify)
+        else:
+            state = {t.name: self.sources.read(t.source) for t in self._bar(part.candidates, part.name)}
+        tie = part.tie
+        if tie is not None and not tie.settled:  # LoRA on the embeddings: the merged values decide
+            tie = settled_tie(tie, torch.equal(state[tie.head], state[tie.embed]), "after the merge")
+            if not tie.tied:
+                log.warning(
+                    "%s: lm_head differs from embed_tokens after the merge; writing tie_word_embeddings false",
+                    part.name,
+                )
+            part = dataclasses.replace(part, tie=tie)
+        out = {}
+        for t in part.tensors:
+            source = self.sources.path(t.source) if t.source is not None else self._checkpoint_path(part)
+            out[t.name] = cast_checked(t.name, state.pop(t.name), t.dtype, source).to("cpu").contiguous()
+        state.clear()
+        write_weights(folder, out, part.max_shard_size)
+        return FullWritten(part, {}, self.sources, self.device, reference, probe)
+
+    def _checkpoint_path(self, part: PartPlan) -> Path:
+        return self.sources.path(next(iter(part.inputs.values())))
+
+    def _bar(self, items: Any, name: str) -> Any:
+        return tqdm(items, desc=f"reading {name}", unit="tensor", disable=not self.progress, leave=False)
+
+    def _merged_state(self, part: PartPlan, verify: bool) -> tuple[dict[str, torch.Tensor], Any, Any]:
+        """Build the unmerged PEFT model in float32, load the sources, record reference logits, merge; return the
+        plain state."""
+        lora = part.lora
+        model = build_peft_model(part.auto_class, part.config, lora.config, lora.adapter_name, self.device)
+        params = model.state_dict()
+        with torch.no_grad():
+            for rel, ref in self._bar(part.inputs.items(), part.name):
+                params[rel].copy_(self.sources.read(ref))
+        del params
+        reference = probe = None
+        if verify:
+            probe = checks.probe_input_ids(part.config.get_text_config().vocab_size)
+            reference = checks.causal_lm_logits(model, probe)
+        state = dict(merge_and_unload(model, self.progress).state_dict())
+        planned = {t.name for t in part.candidates}
+        extra, missing = sorted(set(state) - planned), sorted(planned - set(state))
+        if part.tie is not None and part.tie.configured and part.tie.head in extra:
+            extra.remove(part.tie.head)  # the base ties lm_head to the embeddings; the checkpoint has no lm_head
+            state.pop(part.tie.head)
+        if extra or missing:
+            raise ConvertError(
+                f"{self._checkpoint_path(part)} ({part.name}): merge_and_unload gave other keys than planned: "
+                f"extra {preview(extra, 3)}, missing {preview(missing, 3)}"
+            )
+        return state, reference, probe
+
+
+@dataclasses.dataclass
+class FullWritten(Written):
+    sources: Sources
+    device: torch.device
+    reference: torch.Tensor | None  # the unmerged model's logits on ``probe``
+    probe: torch.Tensor | None
+
+    def verify(self, folder: Path) -> dict[str, Any]:
+        part = self.part
+        self.sources.wait()
+        result: dict[str, Any] = {}
+        model = None
+        if part.auto_class is not None:
+            model = checks.load_clean(folder, part.auto_class, self.device)
+            result["loads_clean"] = True
+        written = checks.read_written(folder)
+        if set(written) != {t.name for t in part.tensors}:
+            raise ConvertError(f"{folder}: the written keys differ from the plan's")
+        copies = {t.name: self.sources.read(t.source) for t in part.tensors if t.source is not None}
+        result["exact_tensors"] = checks.exact_copies(written, copies, str(folder))
+        if part.auto_class is not None:
+            result["merged_tensors"] = len(written) - result["exact_tensors"]
+        if self.reference is not None:
+            exported = checks.causal_lm_logits(model, self.probe)
+            result.update(checks.compare_logits(self.reference, exported, part.dtype or torch.float32, str(folder)))
+            result["probe"] = list(self.probe.shape)
+        return result

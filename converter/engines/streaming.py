@@ -1,0 +1,291 @@
+"""The streaming engine: tensor by tensor, in bounded memory, with PEFT's own per-layer ``merge()``.
+
+For each output tensor, in the order of the export's files: a copied tensor is read in row chunks from its source
+(checked on the way), cast and handed to a background writer; a merged weight is produced by materialising only
+its PEFT layer (base weight, lora_A, lora_B, DoRA magnitude...) in float32 on the merge device, calling the
+layer's ``merge()`` -- the same call ``merge_and_unload`` makes -- and casting the result. The PEFT model itself
+lives on the meta device. Peak memory is about one layer plus a few chunks, whatever the model's size.
+
+Verification streams too: each merged layer's output on a random input is compared with the unmerged layer's
+before its memory is released; copied tensors are read back from the written files and checked against their
+sources (against the checksum the source stores where the bytes are unchanged, value by value where the dtype
+changed); and the folder is reloaded by ``from_pretrained`` onto the meta device (key names, shapes and the load
+report, without reading data).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import checks
+from ..errors import ConvertError
+from ..merge import build_peft_model, merge_layer
+from ..names import SAFETENSORS_METADATA, SHARD_PATTERN, WEIGHTS, WEIGHTS_INDEX
+from ..plan import MergeLayer, OutTensor, PartPlan
+from ..policy import cast_checked, tolerance
+from ..sources import Sources, TensorRef
+from ..sources.safetensors import SafetensorsSource
+from .base import Engine, Written
+from .streams import ReadAhead, SafetensorsStream
+
+log = logging.getLogger(__name__)
+
+
+def _probe(base: torch.nn.Module, device: torch.device, generator: torch.Generator) -> torch.Tensor:
+    """A random input for a PEFT layer's base module (Linear, Conv1D, Embedding)."""
+    if isinstance(base, torch.nn.Embedding):
+        return torch.randint(0, base.num_embeddings, (8,), generator=generator).to(device)
+    weight = base.weight
+    fan_in = weight.shape[0] if type(base).__name__ == "Conv1D" else weight.shape[1]
+    return torch.randn(8, fan_in, generator=generator).to(device)
+
+
+def _return_freed_memory_to_the_os() -> None:
+    """Have glibc serve buffers of 1 MiB and more with mmap, so that freeing them returns the memory at once.
+
+    Without it glibc's dynamic threshold moves blocks of the sizes this engine churns through (a layer's weights,
+    a chunk) onto the heap, where freed memory stays resident and the process grows with every layer.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
+def _source_bytes(item: tuple[str, Any, bool]) -> int:
+    """Bytes of a read-ahead item: a chunk, or the sources of one merged layer."""
+    _, data, _ = item
+    tensors = data.values() if isinstance(data, dict) else [data]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class StreamingEngine(Engine):
+    name = "streaming"
+
+    def write(self, part: PartPlan, folder: Path, verify: bool) -> StreamingWritten:
+        if part.tie is not None and not part.tie.settled:
+            raise ConvertError(f"{part.name}: LoRA on tied embeddings needs --engine full")
+        _return_freed_memory_to_the_os()
+        return _PartWriter(self, part, verify).write(folder)
+
+
+@dataclasses.dataclass
+class StreamingWritten(Written):
+    sources: Sources
+    device: torch.device
+    layer_checks: list[float]  # relative max abs output difference per merged layer
+
+    def verify(self, folder: Path) -> dict[str, Any]:
+        """Reload onto the meta device; read copied tensors back and check them against their sources."""
+        part, sources = self.part, self.sources
+        sources.wait()  # a corrupt source is reported as such, not as a bad write
+        result: dict[str, Any] = {}
+        if part.auto_class is not None:
+            checks.load_clean(folder, part.auto_class, self.device, device_map="meta")
+            result["loads_clean"] = True
+        copies = {t.name: t for t in part.tensors if t.source is not None}
+        exact = 0
+        for name in checks.written_files(folder):
+            written = SafetensorsSource(folder / name, sources.reader)
+            for key in written.keys():
+                if key in copies:
+                    _check_copy(sources, copies[key].source, written, key, folder)
+                    exact += 1
+        result["exact_tensors"] = exact
+        if part.auto_class is not None:
+            worst = max(self.layer_checks, default=0.0)
+            tol = tolerance(part.dtype)
+            if not worst <= tol:
+                raise ConvertError(
+                    f"{folder}: a merged layer's output differs from the unmerged layer's by {worst:.3g} (relative; "
+                    f"tolerance {tol:.3g}); the merge is wrong, report this with --debug output"
+                )
+            merged = sum(1 for t in part.tensors if t.merged_from is not None)
+            result.update(
+                merged_tensors=merged,
+                max_rel_layer_output_diff=worst,
+                layer_tolerance=tol,
+                layers_checked=len(self.layer_checks),
+            )
+        return result
+
+
+def _check_copy(sources: Sources, ref: TensorRef, written: SafetensorsSource, key: str, folder: Path) -> None:
+    """A copied tensor as written must equal its source cast to the written dtype."""
+    source, back = sources.info(ref), written.info(key)
+    if source.crc32 is not None and (source.dtype, source.shape) == (back.dtype, back.shape):
+        # Written unchanged: the bytes read back must have the checksum the source stores (checked against the
+        # source's bytes when they were read), which saves reading the source a second time.
+        if written.crc32(key) != source.crc32:
+            raise ConvertError(f"{folder}: {key} was not written exactly; the disk may be failing")
+        return
+    pieces = sources.chunks(ref, pooled=True)
+    first = next(pieces, None)
+    if first is None:
+        return
+    backs = written.chunks(key, pooled=True, step=first[1] - first[0])
+    for (_, _, piece), (_, _, back) in zip(_chain(first, pieces), backs, strict=True):
+        same = torch.equal(back, piece.to(back.dtype).reshape(back.shape))
+        sources.release(piece)
+        written.release(back)
+        if not same:
+            raise ConvertError(f"{folder}: {key} was not written exactly; the disk may be failing")
+
+
+def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    yield first
+    yield from rest
+
+
+class _PartWriter:
+    """Writes one part with the streaming engine."""
+
+    def __init__(self, engine: StreamingEngine, part: PartPlan, verify: bool) -> None:
+        self.engine, self.part, self.verify = engine, part, verify
+        self.sources, self.device = engine.sources, engine.device
+        self.generator = torch.Generator().manual_seed(1234)
+        self.layer_checks: list[float] = []
+        self.sha: dict[str, str] = {}
+        self._merged: dict[str, torch.Tensor] = {}
+        self.layers: dict[str, MergeLayer] = {}
+        self.peft = None
+        if part.lora is not None:
+            lora = part.lora
+            self.peft = build_peft_model(part.auto_class, part.config, lora.config, lora.adapter_name, "meta")
+            self.layers = {layer.module: layer for layer in lora.layers}
+
+    def _where(self, ref: TensorRef) -> Path:
+        return self.sources.path(ref)
+
+    # --- merge ---------------------------------------------------------------------------------------------
+    def _layer_sources(self, layer: MergeLayer) -> dict[str, torch.Tensor]:
+        """The source tensors of one layer, each in a buffer of its own with its checksum checked: merge() adds
+        into the base weight in place. Runs on the read thread."""
+        return {name: self.sources.read(ref, writable=True, pooled=True) for name, ref in layer.inputs}
+
+    def _merge(self, layer: MergeLayer, inputs: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype]) -> None:
+        """Materialise one layer in float32 on the device, merge it with PEFT, keep its base parameters."""
+        module = self.peft.get_submodule(layer.path)
+        state = {name: t.to(self.device, torch.float32, non_blocking=True) for name, t in inputs.items()}
+        module.load_state_dict(state, assign=True, strict=True)
+        base = module.get_base_layer()
+        where = self._where(layer.inputs[0][1])
+        with torch.no_grad():
+            if self.verify:
+                x = _probe(base, self.device, self.generator)
+                reference = module(x)
+            merge_layer(module, self.part.lora.adapter_name)
+            written = set()  # storages that go to the writer, which releases them once written
+            for pname, param in base.named_parameters(recurse=False):
+                key = f"{layer.module}.{pname}"
+                cast = cast_checked(key, param.detach(), dtypes[key], where)
+                self._merged[key] = cast
+                written.add(cast.untyped_storage().data_ptr())
+            if self.verify:
+                base.weight.data = self._merged[f"{layer.module}.weight"].to(torch.float32)
+                if getattr(base, "bias", None) is not None:
+                    base.bias.data = self._merged[f"{layer.module}.bias"].to(torch.float32)
+                got = module(x)  # merged: the base module alone, with the weights as written
+                diff = float((got - reference).abs().max()) / max(1.0, float(reference.abs().max()))
+                self.layer_checks.append(diff)
+        module.to_empty(device="meta")
+        # A source buffer merged in place and written as it is belongs to the writer now; the others go back now.
+        for tensor in inputs.values():
+            if tensor.untyped_storage().data_ptr() not in written:
+                self.sources.release(tensor)
+
+    # --- writing -------------------------------------------------------------------------------------------
+    def write(self, folder: Path) -> StreamingWritten:
+        from huggingface_hub import split_state_dict_into_shards_factory
+
+        part = self.part
+        tensors = {t.name: t for t in part.tensors}
+        if part.max_shard_size is None:
+            files = {WEIGHTS: list(tensors)}
+            split = None
+        else:
+            split = split_state_dict_into_shards_factory(
+                tensors,
+                get_storage_size=lambda t: max(1, t.nbytes),
+                filename_pattern=SHARD_PATTERN,
+                max_shard_size=part.max_shard_size,
+            )
+            files = split.filename_to_tensors
+        folder.mkdir(parents=True, exist_ok=True)
+        progress = self.engine.progress
+        bar = tqdm(total=len(tensors), desc=f"streaming {part.name}", unit="tensor", disable=not progress, leave=False)
+        streams: dict[str, SafetensorsStream] = {}
+        order = [tensors[name] for names in files.values() for name in names]
+        sources = ReadAhead(self._sources(order), size=_source_bytes)
+        dtypes = {t.name: t.dtype for t in part.tensors}
+        try:
+            for filename, names in files.items():
+                entries = [(n, tensors[n].dtype, tensors[n].shape) for n in names]
+                stream = streams[filename] = SafetensorsStream(
+                    folder / filename, entries, dict(SAFETENSORS_METADATA), self.sources.release
+                )
+                for name in names:
+                    self._write_tensor(stream, tensors[name], sources, dtypes)
+                    bar.update()
+                stream.finish()  # its thread completes and fsyncs it while the next file is produced
+            for filename, stream in streams.items():
+                self.sha[filename] = stream.close()
+        except BaseException:
+            sources.close()
+            for stream in streams.values():
+                stream.abort()
+            raise
+        bar.close()
+        if split is not None and split.is_sharded:
+            index = {"metadata": {**split.metadata, **SAFETENSORS_METADATA}, "weight_map": split.tensor_to_filename}
+            (folder / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return StreamingWritten(part, dict(self.sha), self.sources, self.device, self.layer_checks)
+
+    def _sources(self, order: list[OutTensor]) -> Iterator[tuple[str, Any, bool]]:
+        """What the writer consumes, in its order (runs on the read thread): ``(module, layer sources, True)`` once
+        per merged layer, before its first parameter; ``(name, rows, last)`` for the pieces of a copied tensor."""
+        merged: set[str] = set()
+        for tensor in order:
+            module = tensor.merged_from
+            if module is not None:
+                if module not in merged:
+                    merged.add(module)
+                    yield module, self._layer_sources(self.layers[module]), True
+                continue
+            previous = None
+            for _, _, piece in self.sources.chunks(tensor.source, pooled=True):
+                if previous is not None:
+                    yield tensor.name, previous, False
+                previous = piece
+            # a tensor without elements has no rows to read: it is written as zero bytes
+            yield tensor.name, previous if previous is not None else torch.empty(0, dtype=torch.uint8), True
+
+    def _write_tensor(
+        self, stream: SafetensorsStream, tensor: OutTensor, sources: ReadAhead, dtypes: dict[str, torch.dtype]
+    ) -> None:
+        module = tensor.merged_from
+        if module is not None:
+            if tensor.name not in self._merged:
+                got, layer_sources, _ = next(sources)
+                assert got == module, (got, module)
+                self._merge(self.layers[module], layer_sources, dtypes)
+            stream.write(tensor.name, self._merged.pop(tensor.name))
+            return
+        last, where = False, self._where(tensor.source)
+        while not last:
+            got, piece, last = next(sources)
+            assert got == tensor.name, (got, tensor.name)
+            out = cast_checked(tensor.name, piece, tensor.dtype, where)
+            if out.data_ptr() != piece.data_ptr():
+                self.sources.release(piece)  # cast into a new tensor: the chunk buffer is free already
+            stream.write(tensor.name, out)

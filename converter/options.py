@@ -1,0 +1,32 @@
+"""What a conversion takes: ``ConvertOptions``, one field per command-line flag."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from .sources.pread import CHUNK_BYTES, POOL_BYTES
+
+
+@dataclasses.dataclass
+class ConvertOptions:
+    """Everything ``convert`` takes; the CLI maps its flags one to one onto these fields."""
+
+    run: Path
+    out: Path | None = None
+    ckpt: Path | None = None
+    config: str = "panorama_vlm"
+    adapter_dir: Path | None = None
+    lora_from: str = "auto"  # auto | checkpoint | adapter
+    bases: dict[str, Path] = dataclasses.field(default_factory=dict)
+    dtype: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda
+    verify: bool = True
+    dry_run: bool = False
+    force: bool = False
+    max_shard_size: str | int = "5GB"
+    progress: bool = True
+    engine: str = "auto"  # auto | full | streaming
+    max_memory: str | int | None = None  # the auto engine streams when the full engine would need more
+    chunk_bytes: int = CHUNK_BYTES  # pieces the engines read and write at a time
+    pool_bytes: int = POOL_BYTES  # buffers the reader keeps for reuse

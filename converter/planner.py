@@ -1,0 +1,287 @@
+"""Building the plan from metadata alone: key names, shapes, dtypes, stored checksums, hyper-parameters, the
+layout config, the base configs and the adapter's config. No tensor data is read here."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from typing import Any
+
+from .bases import load_base_config, resolve_base
+from .discover import RunInputs, find_inputs
+from .errors import ConvertError, preview
+from .keymap import WRITTEN, ComponentKeys, PeftLayout, Split, component_keys, split_components
+from .layout import Component, LayoutConfig, load_layout
+from .lora import lora_config_from, pair_sources, refuse_reshaped
+from .merge import describe_model
+from .names import ADAPTER, CHECKPOINT, CONFIG, SUPPORT_FILES
+from .options import ConvertOptions
+from .plan import LoraPlan, MergeLayer, OutTensor, PartPlan, Plan
+from .policy import check_fit, check_peft_fit, output_dtype, part_dtype, plan_tie
+from .sources import AdapterFolder, Checkpoint, Sources, SpanReader, TensorRef, find_adapter_folder, open_adapter_folder
+from .sources import open_checkpoint as open_checkpoint_file
+
+log = logging.getLogger(__name__)
+
+# Component kind -> the transformers Auto class that loads its folder (None: a bare state_dict file).
+AUTO_CLASS: dict[str, str | None] = {
+    "hf_model": "AutoModel",
+    "hf_causal_lm": "AutoModelForCausalLM",
+    "state_dict": None,
+}
+# Component kinds whose PEFT wrapping is merged (the others refuse PEFT keys).
+MERGES_LORA = {"hf_causal_lm"}
+STREAM_ABOVE = 1 << 30  # float32 bytes of a part above which auto streams even when memory would allow the full engine
+
+
+@dataclasses.dataclass
+class Opened:
+    """A run's inputs, opened for planning: metadata read and tensors located, nothing else."""
+
+    inputs: RunInputs
+    checkpoint: Checkpoint
+    layout: LayoutConfig
+    split: Split
+    sources: Sources  # "checkpoint", and "adapter" once an adapter folder is opened
+
+    def close(self) -> None:
+        self.sources.close()
+
+
+def open_run(opts: ConvertOptions) -> Opened:
+    """Find the inputs, open the checkpoint lazily and sort its keys by component."""
+    inputs = find_inputs(opts.run, opts.ckpt, opts.adapter_dir)
+    log.info("checkpoint: %s (%s)", inputs.checkpoint, inputs.reason)
+    log.info("adapter folder: %s", inputs.adapter_root or "none")
+    reader = SpanReader(opts.chunk_bytes, opts.pool_bytes)
+    try:
+        checkpoint = open_checkpoint_file(inputs.checkpoint, reader)
+        layout = load_layout(opts.config)
+        split = split_components(checkpoint.source.keys(), layout)
+    except BaseException:
+        reader.close()
+        raise
+    log.info(
+        "outer prefix %r (wrappers: %s; attribute: %s)",
+        split.outer.prefix,
+        ", ".join(split.outer.wrappers) or "none",
+        split.outer.attribute or "none",
+    )
+    return Opened(inputs, checkpoint, layout, split, Sources(reader, {CHECKPOINT: checkpoint.source}))
+
+
+def build_plan(opened: Opened, opts: ConvertOptions) -> Plan:
+    """Plan every part of the export (see ``plan``); ConvertError for anything that cannot be converted as given."""
+    split, layout = opened.split, opened.layout
+    split.raise_for_unclaimed(layout)
+    unknown = sorted(set(opts.bases) - {c.name for c in layout.components})
+    if unknown:
+        raise ConvertError(f"--base {unknown[0]}=...: no component named {unknown[0]} in {layout.path.name}")
+    parts = []
+    for comp in layout.components:
+        keys = split.keys[comp.name]
+        if not keys:
+            log.warning("component %s: the checkpoint has no keys for it; skipped", comp.name)
+            continue
+        parts.append(_PartPlanner(comp, keys, opened, opts).plan())
+    ckpt = opened.checkpoint
+    plan = Plan(
+        inputs=opened.inputs,
+        checkpoint_format=ckpt.format,
+        epoch=ckpt.epoch,
+        global_step=ckpt.global_step,
+        lightning_version=ckpt.lightning_version,
+        layout=layout.name,
+        outer=split.outer,
+        dropped={reason: tuple(keys) for reason, keys in split.dropped.items()},
+        parts=tuple(parts),
+        lora_from=opts.lora_from,
+    )
+    return dataclasses.replace(plan, engine=choose_engine(opts, plan.parts))
+
+
+def choose_engine(opts: ConvertOptions, parts: tuple[PartPlan, ...]) -> str:
+    """``streaming`` for a part over 1 GiB in float32 or when the whole-model engine would need more than
+    ``max_memory`` (default: half the RAM); ``full`` otherwise (small models: it also compares logits end to end)."""
+    if opts.engine in ("full", "streaming"):
+        return opts.engine
+    if opts.engine != "auto":
+        raise ConvertError(f"--engine {opts.engine}: use auto, full or streaming")
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    try:
+        limit = parse_size_to_int(opts.max_memory) if opts.max_memory else _ram() // 2
+    except ValueError as exc:
+        raise ConvertError(f"--max-memory {opts.max_memory}: not a size; use e.g. 8GB") from exc
+    # The full engine holds the float32 model, the merged copy being cast and the output: about 3x float32.
+    largest = max((sum(t.numel for t in p.candidates) * 4 for p in parts), default=0)
+    return "streaming" if largest > STREAM_ABOVE or 3 * largest > limit else "full"
+
+
+def _ram() -> int:
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class _PartPlanner:
+    """Plans one component; a class only to share its inputs between the steps."""
+
+    def __init__(self, comp: Component, keys: dict[str, str], opened: Opened, opts: ConvertOptions) -> None:
+        self.comp, self.keys, self.opened, self.opts = comp, keys, opened, opts
+        self.where = f"{opened.inputs.checkpoint} ({comp.name})"
+        self.inputs = {rel: TensorRef(CHECKPOINT, src) for rel, src in keys.items()}
+
+    def info(self, rel: str):
+        return self.opened.sources.info(self.inputs[rel])
+
+    def plan(self) -> PartPlan:
+        auto_class = AUTO_CLASS[self.comp.kind]
+        if auto_class is None:
+            dtype = part_dtype(self.opts.dtype)
+            plain = {rel: rel for rel in self.keys}  # a state_dict is written under its own names
+            return PartPlan(
+                comp=self.comp,
+                auto_class=None,
+                keys=self.keys,
+                inputs=self.inputs,
+                plain=plain,
+                fates={WRITTEN: tuple(self.keys)},
+                candidates=self._candidates(plain, dtype),
+                dtype=dtype,
+            )
+        return self._plan_hf(auto_class, component_keys(self.keys, self.where))
+
+    def _candidates(self, plain: dict[str, str], dtype: Any, merged: dict[str, str] | None = None) -> tuple:
+        merged = merged or {}
+        out = []
+        for key, rel in plain.items():
+            info = self.info(rel)
+            if key in merged:
+                out.append(OutTensor(key, output_dtype(dtype, info.dtype), info.shape, merged_from=merged[key]))
+            else:
+                out.append(OutTensor(key, output_dtype(dtype, info.dtype), info.shape, source=self.inputs[rel]))
+        return tuple(out)
+
+    def _plan_hf(self, auto_class: str, analysis: ComponentKeys) -> PartPlan:
+        opened, comp = self.opened, self.comp
+        ckpt = opened.checkpoint
+        base = resolve_base(comp, ckpt.hparams, opened.inputs.run, self.opts.bases, ckpt.path)
+        config = copy.deepcopy(load_base_config(base))
+        plain = analysis.plain
+        lora = None
+        if analysis.peft is not None:
+            if comp.kind not in MERGES_LORA:
+                raise ConvertError(
+                    f"{ckpt.path}: {comp.name} is PEFT-wrapped, but LoRA is merged only in hf_causal_lm components; "
+                    "change its kind in the config"
+                )
+            lora = self._plan_lora(analysis.peft)
+        dtype = part_dtype(self.opts.dtype, config)
+        if dtype is not None:
+            config.dtype = dtype
+        shape = describe_model(
+            auto_class,
+            config,
+            lora.config if lora else None,
+            lora.adapter_name if lora else "default",
+            lora.layout.merged_modules if lora else (),
+            embedding_rows=lambda key: self.info(plain[key]).shape[0] if key in plain else None,
+        )
+        merged_keys = {f"{m}.weight" for m in (lora.layout.merged_modules if lora else ())}
+        tie = plan_tie(config, shape.head_key, shape.embed_key, plain, merged_keys, lambda k: self.info(plain[k]))
+        if tie.configured and not tie.tied and tie.settled:
+            log.warning(
+                "%s: the trained lm_head differs from embed_tokens; writing tie_word_embeddings false and keeping both",
+                comp.name,
+            )
+        optional = {shape.head_key} if tie.tied and shape.head_key not in plain else set()
+        planned = {key: self.info(rel).shape for key, rel in plain.items()}
+        check_fit(shape.plain, planned, optional, self.where, base.path / CONFIG, comp.name)
+        outputs: dict[str, str] = {}
+        if lora is not None:
+            given = {rel: self.info(rel).shape for rel in self.keys}
+            hint = "check that the base config matches the trained model (--base)"
+            check_peft_fit(shape.peft, given, self.where, hint)
+            layers = self._merge_layers(lora, shape.layers, plain)
+            outputs = {key: layer.module for layer in layers for key in layer.outputs}
+            lora = dataclasses.replace(lora, layers=layers)
+        return PartPlan(
+            comp=comp,
+            auto_class=auto_class,
+            keys=self.keys,
+            inputs=self.inputs,
+            plain=plain,
+            fates=analysis.fates,
+            candidates=self._candidates(plain, dtype, outputs),
+            dtype=dtype,
+            base=base,
+            config=config,
+            lora=lora,
+            tie=tie,
+            support_files=tuple(n for n in SUPPORT_FILES if (base.path / n).is_file()),
+            vocab_resized=shape.vocab_resized,
+            max_shard_size=self.opts.max_shard_size,
+        )
+
+    def _plan_lora(self, layout: PeftLayout) -> LoraPlan:
+        opened, opts = self.opened, self.opts
+        adapter = self._adapter(layout.adapter_name)
+        config, config_from = lora_config_from(layout, adapter, opened.checkpoint.hparams, self.where)
+        pairing, tensors_from = None, CHECKPOINT
+        if adapter is not None:
+            infos = {rel: self.info(rel) for rel in self.keys}
+            pairing = pair_sources(self.keys, infos, adapter, layout.adapter_name)
+            if opts.lora_from != "checkpoint":
+                refuse_reshaped(pairing, str(adapter.weights_path), str(opened.inputs.checkpoint))
+            if opts.lora_from == "adapter":
+                if pairing.only_adapter:
+                    raise ConvertError(
+                        f"{adapter.weights_path}: {len(pairing.only_adapter)} adapter tensors have no place in the "
+                        f"checkpoint's model ({preview(list(pairing.only_adapter), 3)}); the adapter belongs to "
+                        "another model"
+                    )
+                for akey, rel in pairing.pairs:
+                    self.inputs[rel] = TensorRef(ADAPTER, akey)
+                tensors_from = ADAPTER
+        elif opts.lora_from == "adapter":
+            raise ConvertError(
+                f"{opened.inputs.run}: --lora-from adapter, but there is no adapter folder (lora_weights/)"
+            )
+        return LoraPlan(
+            adapter_name=layout.adapter_name,
+            config=config,
+            config_from=config_from,
+            tensors_from=tensors_from,
+            layers=(),
+            layout=layout,
+            adapter_folder=adapter.weights_path if adapter else None,
+            pairing=pairing,
+        )
+
+    def _adapter(self, adapter_name: str) -> AdapterFolder | None:
+        opened = self.opened
+        root = opened.inputs.adapter_root
+        folder = find_adapter_folder(root, adapter_name) if root else None
+        if folder is None:
+            return None
+        adapter = open_adapter_folder(folder, opened.sources.reader)
+        opened.sources.add(ADAPTER, adapter.source)
+        return adapter
+
+    def _merge_layers(self, lora: LoraPlan, layers: dict, plain: dict[str, str]) -> tuple[MergeLayer, ...]:
+        """Each merged module's PEFT layer: its state (from the sources) and the plain parameters it produces."""
+        inverse = {rel: key for key, rel in plain.items()}
+        planned = []
+        for module in lora.layout.merged_modules:
+            if module not in layers:
+                raise ConvertError(
+                    f"{self.where}: {module} carries LoRA tensors, but the adapter's config does not adapt it; "
+                    "pass --adapter-dir with the run's own adapter folder"
+                )
+            path, names = layers[module]
+            rel = {name: f"{path}.{name}" for name in names}
+            outputs = tuple(inverse[r] for name, r in rel.items() if name.startswith("base_layer.") and r in inverse)
+            planned.append(MergeLayer(module, path, tuple((n, self.inputs[r]) for n, r in rel.items()), outputs))
+        return tuple(planned)

@@ -1,0 +1,95 @@
+"""Torch files (``torch.save``) read without executing their code, and their tensors as a source.
+
+The zip format (every ``torch.save`` since 1.6) goes through ckpt2hf's restricted unpickler (``unpickle``), with
+tensor data memory-mapped and never touched until read; the legacy format through ``torch.load(weights_only=True)``.
+There is no fallback to ``weights_only=False``, ever.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConvertError
+from . import unpickle
+from .base import SpanSource
+from .pread import Record, Span, SpanReader
+
+log = logging.getLogger(__name__)
+
+
+def read_torch_file(path: Path) -> tuple[Any, unpickle.Loaded | None]:
+    """The object a torch file holds, and for zip files what ``unpickle.load`` learned about it."""
+    if not path.is_file():
+        raise ConvertError(f"{path}: no such file")
+    if zipfile.is_zipfile(path):
+        loaded = unpickle.load(path)
+        if loaded.placeholders:
+            shown = ", ".join(f"{g} at {w}" for w, g in loaded.placeholders[:3])
+            more = f" and {len(loaded.placeholders) - 3} more" if len(loaded.placeholders) > 3 else ""
+            log.warning(
+                "%s: objects of unknown classes were read as inert placeholders (never constructed): %s%s",
+                path,
+                shown,
+                more,
+            )
+        return loaded.obj, loaded
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True), None
+    except pickle.UnpicklingError as exc:
+        # torch's message suggests weights_only=False; that would execute the file's code, so it is not repeated.
+        first = str(exc).split("Weights only load failed")[-1].strip().splitlines()
+        detail = next((line.strip() for line in first if "GLOBAL" in line), None)
+        if detail is None:
+            raise ConvertError(
+                f"{path}: not a readable PyTorch checkpoint (legacy format, {first[0][:80]}); "
+                "the file may be truncated or corrupt"
+            ) from exc
+        raise ConvertError(
+            f"{path}: refused to unpickle ({detail}); the file holds objects other than tensors and plain data, "
+            "and ckpt2hf never executes a checkpoint's code"
+        ) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        if path.stat().st_size == 0:
+            raise ConvertError(f"{path}: the file is empty; re-copy it or choose another with --ckpt") from exc
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConvertError(
+            f"{path}: not a readable PyTorch checkpoint ({reason}); the file may be truncated or corrupt"
+        ) from exc
+
+
+def _record_span(tensor: torch.Tensor, path: Path, records: dict[int, Record]) -> Span | None:
+    """The whole zip record behind a memory-mapped tensor's storage (for its CRC-32 check)."""
+    record = records.get(tensor.untyped_storage().data_ptr())
+    if record is None:
+        return None
+    return Span(path, record.offset, torch.uint8, (record.nbytes,), record)
+
+
+def _span(tensor: torch.Tensor, path: Path, records: dict[int, Record]) -> Span | None:
+    """Where a memory-mapped tensor's bytes are, if it is contiguous and backed by a zip record."""
+    record = records.get(tensor.untyped_storage().data_ptr())
+    if record is None or not tensor.is_contiguous():
+        return None
+    offset = record.offset + tensor.storage_offset() * tensor.element_size()
+    return Span(path, offset, tensor.dtype, tuple(tensor.shape), record)
+
+
+def torch_tensor_source(
+    path: Path, tensors: Mapping[str, Any], loaded: unpickle.Loaded | None, reader: SpanReader
+) -> SpanSource:
+    """The tensors of a torch file's state_dict as a source: read with ``pread`` where they are contiguous zip
+    records (the CRC-32 checked as they are read), else from the memory-mapped or loaded tensor."""
+    bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ConvertError(f"{path}: state_dict entry {bad[0]!r} is not a tensor")
+    records = loaded.records if loaded is not None else {}
+    spans = {k: s for k, t in tensors.items() if (s := _span(t, path, records)) is not None}
+    whole = {k: s for k, t in tensors.items() if k not in spans and (s := _record_span(t, path, records))}
+    return SpanSource(path, reader, spans, {str(k): v for k, v in tensors.items()}, whole)
