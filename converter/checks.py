@@ -44,13 +44,7 @@ def _settle_part(part: PartPlan, sources: Sources) -> PartPlan:
         lora = dataclasses.replace(lora, comparison=comparison)
     if tie is not None and not tie.settled and not tie.after_merge:
         head, embed = (part.inputs[part.plain[k]] for k in (tie.head, tie.embed))
-        equal, _ = sources.equal(head, embed)
-        tie = settled_tie(tie, equal, "compared by value")
-        if not equal:
-            log.warning(
-                "%s: the trained lm_head differs from embed_tokens; writing tie_word_embeddings false and keeping both",
-                part.name,
-            )
+        tie = settled_tie(tie, sources.equal(head, embed)[0], "compared by value")
     return dataclasses.replace(part, lora=lora, tie=tie)
 
 

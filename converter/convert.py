@@ -85,6 +85,13 @@ def _convert(opts: ConvertOptions, plan: Plan, opened: Opened, out: Path, device
                 folder = stage / part.out if part.out else stage
                 log.info("writing %s (%s engine)", part.name, engine.name)
                 written = engine.write(part, folder, opts.verify)
+                if written.part.tie is not None and written.part.tie.configured and not written.part.tied:
+                    log.warning(
+                        "%s: the trained lm_head differs from embed_tokens (%s); writing tie_word_embeddings false "
+                        "and keeping both",
+                        part.name,
+                        written.part.tie.because,
+                    )
                 copied = write_config(written.part, folder, written.part.tied)
                 verification = None
                 if opts.verify:

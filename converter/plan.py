@@ -100,7 +100,7 @@ class Tie:
     configured: bool  # the base config says tie_word_embeddings
     tied: bool
     settled: bool  # False: the values decide, before writing (``settle``) or after the merge (``after_merge``)
-    because: str
+    because: str  # how it was (or will be) decided
     head: str | None = None  # plain keys
     embed: str | None = None
     after_merge: bool = False  # LoRA changes lm_head or the embeddings: only the merged values can tell

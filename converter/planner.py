@@ -191,11 +191,6 @@ class _PartPlanner:
         )
         merged_keys = {f"{m}.weight" for m in (lora.layout.merged_modules if lora else ())}
         tie = plan_tie(config, shape.head_key, shape.embed_key, plain, merged_keys, lambda k: self.info(plain[k]))
-        if tie.configured and not tie.tied and tie.settled:
-            log.warning(
-                "%s: the trained lm_head differs from embed_tokens; writing tie_word_embeddings false and keeping both",
-                comp.name,
-            )
         optional = {shape.head_key} if tie.tied and shape.head_key not in plain else set()
         planned = {key: self.info(rel).shape for key, rel in plain.items()}
         check_fit(shape.plain, planned, optional, self.where, base.path / CONFIG, comp.name)

@@ -105,17 +105,26 @@ def plan_tie(
     a, b = info(head), info(embed)
     if a.shape == b.shape and a.dtype == b.dtype and None not in (a.crc32, b.crc32) and a.crc32 != b.crc32:
         # (Only +0.0 against -0.0 could differ in bytes and not in value; keeping both then is merely redundant.)
-        return Tie(configured, False, True, "lm_head differs from embed_tokens (stored CRC-32s)", head, embed)
+        return Tie(configured, False, True, "their stored CRC-32s differ", head, embed)
     if a.shape != b.shape:
-        return Tie(configured, False, True, "lm_head and embed_tokens have other shapes", head, embed)
+        return Tie(configured, False, True, "their shapes differ", head, embed)
     return Tie(configured, True, False, "to be compared by value", head, embed)
 
 
-def settled_tie(tie: Tie, equal: bool, when: str) -> Tie:
-    """The tie once the values are known: tied only if lm_head equals the embeddings."""
-    if equal:
-        return Tie(tie.configured, True, True, f"lm_head equals embed_tokens ({when})", tie.head, tie.embed)
-    return Tie(tie.configured, False, True, f"lm_head differs from embed_tokens ({when})", tie.head, tie.embed)
+def settled_tie(tie: Tie, equal: bool, how: str) -> Tie:
+    """The tie once the values are known (``how``: "compared by value", "after the merge"): tied only if lm_head
+    equals the embeddings."""
+    return Tie(tie.configured, equal, True, how, tie.head, tie.embed)
+
+
+def _differences(
+    expected: Mapping[str, tuple[int, ...]], given: Mapping[str, tuple[int, ...]], optional: set[str]
+) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, "key (given) vs (expected)" for other shapes), each sorted."""
+    missing = sorted(set(expected) - set(given) - optional)
+    unexpected = sorted(set(given) - set(expected))
+    wrong = [f"{k} {given[k]} vs {expected[k]}" for k in sorted(set(given) & set(expected)) if given[k] != expected[k]]
+    return missing, unexpected, wrong
 
 
 def check_fit(
@@ -128,11 +137,7 @@ def check_fit(
 ) -> None:
     """The tensors to write must be exactly those of the model the config builds, with the same shapes
     (``optional``: keys the model may lack in the checkpoint, such as a tied lm_head)."""
-    missing = sorted(set(expected) - set(planned) - optional)
-    unexpected = sorted(set(planned) - set(expected))
-    wrong = [
-        f"{k} {planned[k]} vs {expected[k]}" for k in sorted(set(planned) & set(expected)) if planned[k] != expected[k]
-    ]
+    missing, unexpected, wrong = _differences(expected, planned, optional)
     if not (missing or unexpected or wrong):
         return
     problems = []
@@ -152,8 +157,7 @@ def check_peft_fit(
     expected: Mapping[str, tuple[int, ...]], given: Mapping[str, tuple[int, ...]], where: str, hint: str
 ) -> None:
     """The PEFT model the adapter's config builds must hold exactly the component's tensors, with their shapes."""
-    missing = sorted(expected.keys() - given.keys())
-    unexpected = sorted(given.keys() - expected.keys())
+    missing, unexpected, wrong = _differences(expected, given, set())
     if missing or unexpected:
         parts = []
         if missing:
@@ -163,7 +167,6 @@ def check_peft_fit(
         raise ConvertError(
             f"{where}: the checkpoint does not fit the model built from its config: {'; '.join(parts)}; {hint}"
         )
-    wrong = [f"{k} {given[k]} vs {expected[k]}" for k in sorted(expected) if given[k] != expected[k]]
     if wrong:
         raise ConvertError(
             f"{where}: {len(wrong)} tensors have other shapes than the config gives: {preview(wrong, 2)}; {hint}"

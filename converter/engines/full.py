@@ -33,15 +33,10 @@ class FullEngine(Engine):
         if part.lora is not None:
             state, reference, probe = self._merged_state(part, verify)
         else:
-            state = {t.name: self.sources.read(t.source) for t in self._bar(part.candidates, part.name)}
+            state = {t.name: self.sources.read(t.source) for t in self._bar(part.tensors, part.name)}
         tie = part.tie
         if tie is not None and not tie.settled:  # LoRA on the embeddings: the merged values decide
             tie = settled_tie(tie, torch.equal(state[tie.head], state[tie.embed]), "after the merge")
-            if not tie.tied:
-                log.warning(
-                    "%s: lm_head differs from embed_tokens after the merge; writing tie_word_embeddings false",
-                    part.name,
-                )
             part = dataclasses.replace(part, tie=tie)
         out = {}
         for t in part.tensors:
