@@ -17,7 +17,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev]'
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
 # make convert RUN=runs/<name> [OUT=dir] [ARGS="--dtype bfloat16 ..."]; without RUN: the built-in example run.
@@ -47,7 +47,7 @@ format: venv
 
 # Not part of CI: builds and caches Qwen3-0.6B- and 1.7B-shaped runs (about 50 GB of disk), then measures.
 bench: venv
-	$(PY) -m pip install -q -e '.[dev,bench]'
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) bench/bench.py $(BENCH_ARGS)
 
 clean:

@@ -23,7 +23,7 @@ from .manifest import PartResult, build_manifest, plan_summary, write_model_card
 from .options import ConvertOptions
 from .plan import Plan
 from .planner import Opened, build_plan, open_run
-from .writer import file_records, staged_output, write_config
+from .writer import file_records, refuse_existing, staged_output, write_config
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,8 @@ def convert(opts: ConvertOptions) -> dict[str, Any]:
     ``force``).
     """
     device = resolve_device(opts.device)
+    if opts.out is not None and not opts.dry_run:
+        refuse_existing(Path(opts.out), opts.force)  # before anything is read (checked again when writing)
     plan, opened = plan_run(opts)
     out = Path(opts.out) if opts.out else plan.inputs.run / "export"
     with opened.sources:

@@ -28,8 +28,22 @@ class RunInputs:
     reason: str  # why this checkpoint was chosen
 
 
+def checkpoint_kind(path: Path) -> str | None:
+    """What a path holds, by its name and layout alone: ``deepspeed`` (a ZeRO checkpoint folder), ``dcp`` (a
+    torch.distributed.checkpoint folder), ``file`` (a single checkpoint file), or None."""
+    if path.is_dir():
+        if (path / "latest").is_file() or any(path.glob("*/*model_states.pt")):
+            return "deepspeed"
+        if (path / ".metadata").is_file():
+            return "dcp"
+        return None
+    if path.is_file() and path.suffix in CHECKPOINT_SUFFIXES and not path.name.startswith("adapter_model"):
+        return "file"
+    return None
+
+
 def _global_step(path: Path) -> int:
-    """A checkpoint's global_step, read from its metadata (memory-mapped; tensors are not read)."""
+    """A checkpoint's global_step, read from its metadata (tensors are not read)."""
     from .sources import read_metadata  # torch is imported only when this is needed
 
     step = read_metadata(path).get("global_step")
@@ -39,33 +53,39 @@ def _global_step(path: Path) -> int:
 def find_inputs(run_or_ckpt: Path, ckpt: Path | None = None, adapter_dir: Path | None = None) -> RunInputs:
     """Choose the checkpoint (``ckpt``, else last.ckpt, else the newest by global_step) and adapter folder.
 
-    ``run_or_ckpt`` is a run folder (``checkpoints/``, ``lora_weights/``) or a checkpoint file itself.
+    ``run_or_ckpt`` is a run folder (``checkpoints/``, ``lora_weights/``) or a checkpoint itself. A checkpoint is a
+    file, or a folder written by multi-GPU training (DeepSpeed ZeRO, torch.distributed.checkpoint).
     """
     run_or_ckpt = Path(run_or_ckpt)
-    if run_or_ckpt.is_file():
-        run = run_or_ckpt.parent.parent if run_or_ckpt.parent.name == CHECKPOINTS_DIR else run_or_ckpt.parent
-        ckpt = ckpt or run_or_ckpt
-    elif run_or_ckpt.is_dir():
-        run = run_or_ckpt
-    else:
+    if not run_or_ckpt.exists():
         raise ConvertError(f"{run_or_ckpt}: no such run folder or checkpoint file")
+    if run_or_ckpt.is_file() or checkpoint_kind(run_or_ckpt) is not None:
+        parent = run_or_ckpt.parent
+        run = parent.parent if parent.name == CHECKPOINTS_DIR else parent
+        ckpt = ckpt or run_or_ckpt
+    else:
+        run = run_or_ckpt
 
     ckpt_dir = run / CHECKPOINTS_DIR if (run / CHECKPOINTS_DIR).is_dir() else run
-    found = tuple(sorted(p for p in ckpt_dir.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES))
-    found = tuple(p for p in found if not p.name.startswith("adapter_model"))
+    found = tuple(sorted(p for p in ckpt_dir.iterdir() if checkpoint_kind(p) is not None))
     if ckpt is not None:
         ckpt = Path(ckpt)
         if not ckpt.is_absolute() and not ckpt.exists() and (run / ckpt).exists():
             ckpt = run / ckpt
-        if not ckpt.is_file():
-            raise ConvertError(f"{ckpt}: no such checkpoint file (given with --ckpt)")
+        if not ckpt.is_file() and checkpoint_kind(ckpt) is None:
+            what = (
+                "a folder that is no checkpoint (no DeepSpeed 'latest', no .metadata)"
+                if ckpt.is_dir()
+                else "no such file"
+            )
+            raise ConvertError(f"{ckpt}: {what} (given with --ckpt)")
         reason = "given with --ckpt"
-    elif (ckpt_dir / LAST_CHECKPOINT).is_file():
+    elif checkpoint_kind(ckpt_dir / LAST_CHECKPOINT) is not None:
         ckpt, reason = ckpt_dir / LAST_CHECKPOINT, LAST_CHECKPOINT
     else:
         lightning = [p for p in found if p.suffix == ".ckpt"]
         if not lightning:
-            raise ConvertError(f"{ckpt_dir}: no checkpoint (*.ckpt) found; pass one with --ckpt")
+            raise ConvertError(f"{ckpt_dir}: no checkpoint (*.ckpt file or folder) found; pass one with --ckpt")
         steps = {p: _global_step(p) for p in lightning}
         ckpt = max(lightning, key=lambda p: (steps[p], p.stat().st_mtime))
         reason = f"newest by global_step ({steps[ckpt]}) of {len(lightning)}"

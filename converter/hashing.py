@@ -37,13 +37,43 @@ def sha256_file(path: Path, window: int = 32 << 20, stop: threading.Event | None
     return digest.hexdigest()
 
 
-def _identity(path: Path) -> tuple[int, int, int, int]:
-    st = os.stat(path)
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+def _files(path: Path) -> list[Path]:
+    """The file itself, or every file under a folder (sorted by relative path)."""
+    if path.is_dir():
+        return sorted((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.relative_to(path).as_posix())
+    return [path]
+
+
+def sha256_path(path: Path, stop: threading.Event | None = None) -> str:
+    """sha256 of a file; for a folder (a multi-GPU checkpoint), the sha256 of its ``sha256sum`` listing: one line
+    ``<sha256>  <relative path>`` per file, sorted by path."""
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path, stop=stop)
+    lines = []
+    for file in _files(path):
+        lines.append(f"{sha256_file(file, stop=stop)}  {file.relative_to(path).as_posix()}\n")
+        if stop is not None and stop.is_set():
+            break
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def _identity(path: Path) -> tuple:
+    """What must not change while a file or folder is hashed: device, inode, size, mtime of each file."""
+    found = []
+    for file in _files(path):
+        st = os.stat(file)
+        found.append((file.as_posix(), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(found)
+
+
+def path_bytes(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder."""
+    return sum(p.stat().st_size for p in _files(Path(path)))
 
 
 class BackgroundHash:
-    """sha256 of one file, computed on a daemon thread; ``result()`` waits for it.
+    """sha256 of one file (or folder, see ``sha256_path``), computed on a daemon thread; ``result()`` waits for it.
 
     The file's identity (device, inode, size, mtime) is taken before and after hashing: a file replaced or
     modified meanwhile is an error rather than a wrong digest.
@@ -60,7 +90,7 @@ class BackgroundHash:
 
     def _run(self) -> None:
         try:
-            digest = sha256_file(self.path, stop=self._stop)
+            digest = sha256_path(self.path, stop=self._stop)
             if _identity(self.path) != self._identity:
                 self._error = "it changed while being read; convert a checkpoint that is no longer being written"
             else:

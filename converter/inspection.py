@@ -15,6 +15,7 @@ from typing import Any
 from .checks import settle
 from .discover import find_inputs
 from .errors import ConvertError
+from .hashing import path_bytes
 from .keymap import MERGED, SUPERSEDED, ComponentKeys, classify_adapter_keys, component_keys, is_saved_copy
 from .layout import Component
 from .lora import SourceComparison, compare_sources, lora_config_from, pair_sources
@@ -108,13 +109,16 @@ def _report(path: Path, opened: Opened, opts: ConvertOptions) -> dict[str, Any]:
 def _checkpoint_section(path: Path, opened: Opened) -> dict[str, Any]:
     ckpt, inputs = opened.checkpoint, opened.inputs
     by_dtype: dict[str, dict[str, int]] = {}
+    origins: dict[str, int] = {}
     for key in ckpt.source.keys():
         info = ckpt.source.info(key)
         entry = by_dtype.setdefault(dtype_name(info.dtype), {"tensors": 0, "bytes": 0})
         entry["tensors"] += 1
         entry["bytes"] += info.nbytes
+        origin = ckpt.source.origin(key)
+        origins[origin] = origins.get(origin, 0) + 1
     chosen = inputs
-    if path.is_file():
+    if path.resolve() == inputs.checkpoint.resolve():  # a checkpoint was named: which one would the run give?
         try:
             chosen = find_inputs(inputs.run)
         except ConvertError:
@@ -125,10 +129,12 @@ def _checkpoint_section(path: Path, opened: Opened) -> dict[str, Any]:
         "lightning_version": ckpt.lightning_version,
         "epoch": ckpt.epoch,
         "global_step": ckpt.global_step,
-        "file_bytes": inputs.checkpoint.stat().st_size,
+        "file_bytes": path_bytes(inputs.checkpoint),
         "tensors": sum(d["tensors"] for d in by_dtype.values()),
         "weight_bytes": sum(d["bytes"] for d in by_dtype.values()),
         "by_dtype": by_dtype,
+        "layout": ckpt.layout,
+        "tensors_from": origins,
         "non_weight_bytes": sum(ckpt.extras.values()),
         "non_weight": ckpt.extras,
         "others": [p.name for p in inputs.checkpoints if p != inputs.checkpoint],
@@ -265,6 +271,12 @@ def _plan_warnings(plan: Plan) -> list[str]:
     return found
 
 
+def _value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value)) or "none"
+    return str(value)
+
+
 def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
@@ -286,6 +298,8 @@ def render(report: dict[str, Any]) -> str:
             ("format", f"{c['format']}" + (f" (Lightning {c['lightning_version']})" if c["lightning_version"] else "")),
             ("epoch / step", f"{c['epoch']} / {c['global_step']}"),
             ("tensors", f"{c['tensors']}: {dtypes}"),
+            *((k.replace("_", " "), _value(v)) for k, v in c["layout"].items() if k != "format"),
+            ("tensors from", "; ".join(f"{n} {origin}" for origin, n in c["tensors_from"].items())),
             ("non-weight", f"{_mb(c['non_weight_bytes'])}: {non_weight}"),
             ("other ckpts", ", ".join(c["others"]) or "none"),
             ("convert uses", f"{c['convert_would_choose']['path']} ({c['convert_would_choose']['because']})"),

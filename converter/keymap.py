@@ -330,3 +330,18 @@ def component_keys(keys: dict[str, str], where: str) -> ComponentKeys:
     layout = detect_peft_layout(keys, where)
     plain, fates = plain_keys(keys, layout.adapter_name)
     return ComponentKeys(keys, layout, plain, {fate: tuple(rels) for fate, rels in fates.items()})
+
+
+def base_key(key: str, adapter: str) -> str | None:
+    """The base model's key that a PEFT model's tensor starts from: base layers and original copies map to the
+    plain key; the adapter's own tensors (LoRA factors, trained copies, token deltas) have none."""
+    inner = key.removeprefix(PEFT_PREFIX)
+    if adapter_key(key, adapter) is not None:
+        return None
+    parts = inner.split(".")
+    for i, seg in enumerate(parts[:-1]):
+        if seg == TOKEN_ADAPTER and parts[i + 1] == "base_layer":
+            return ".".join(parts[:i] + parts[i + 2 :])
+        if seg in ("base_layer", "original_module"):
+            return ".".join(parts[:i] + parts[i + 1 :])
+    return inner

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .hashing import path_bytes
 from .names import MANIFEST, MANIFEST_FORMAT, MODEL_CARD
 from .plan import PartPlan, Plan
 
@@ -51,11 +52,13 @@ def source_record(plan: Plan) -> dict[str, Any]:
         "checkpoint": {
             "path": _relative(inputs.checkpoint, inputs.run),
             "format": plan.checkpoint_format,
-            "bytes": inputs.checkpoint.stat().st_size,
+            "bytes": path_bytes(inputs.checkpoint),
             "epoch": plan.epoch,
             "global_step": plan.global_step,
             "lightning_version": plan.lightning_version,
             "chosen_because": inputs.reason,
+            "layout": plan.checkpoint_layout,
+            "frozen_excluded": plan.frozen_excluded,
         },
         "adapter_folder": _relative(inputs.adapter_root, inputs.run) if inputs.adapter_root else None,
     }

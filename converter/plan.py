@@ -23,6 +23,8 @@ from .layout import Component
 from .lora import Pairing, SourceComparison
 from .sources import TensorRef
 
+FROM_BASE = "not in the checkpoint (frozen, not saved): read from the base model"
+
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
@@ -125,6 +127,7 @@ class PartPlan:
     support_files: tuple[str, ...] = ()
     vocab_resized: int | None = None  # rows of the embeddings, when they differ from the base's vocab_size
     max_shard_size: str | int | None = None  # None: always one file
+    from_base: tuple[str, ...] = ()  # component keys the run did not save, read from the base model's weights
 
     @property
     def name(self) -> str:
@@ -152,7 +155,10 @@ class PartPlan:
             head = self.plain[self.tie.head]
             fates[WRITTEN] = [k for k in fates.get(WRITTEN, []) if k != head]
             fates[TIED] = [head]
-        return {fate: len(keys) for fate, keys in fates.items() if keys}
+        counts = {fate: len(keys) for fate, keys in fates.items() if keys}
+        if self.from_base:
+            counts[FROM_BASE] = len(self.from_base)
+        return counts
 
     def summary(self) -> dict[str, Any]:
         """The part as ``--dry-run`` prints it and the manifest records it."""
@@ -198,6 +204,8 @@ class Plan:
     parts: tuple[PartPlan, ...]
     lora_from: str
     engine: str = "full"
+    checkpoint_layout: dict[str, Any] = dataclasses.field(default_factory=dict)  # files, ranks, stage...
+    frozen_excluded: bool = False  # the run saved no frozen parameters; they are read from the base models
 
     def part(self, name: str) -> PartPlan:
         return next(p for p in self.parts if p.name == name)

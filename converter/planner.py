@@ -8,19 +8,20 @@ import dataclasses
 import logging
 from typing import Any
 
-from .bases import load_base_config, resolve_base
+from .bases import BaseRef, load_base_config, resolve_base
 from .discover import RunInputs, find_inputs
 from .errors import ConvertError, preview
-from .keymap import WRITTEN, ComponentKeys, PeftLayout, Split, component_keys, split_components
+from .keymap import WRITTEN, ComponentKeys, PeftLayout, Split, base_key, component_keys, split_components
 from .layout import Component, LayoutConfig, load_layout
 from .lora import lora_config_from, pair_sources, refuse_reshaped
-from .merge import describe_model
+from .merge import ModelShape, describe_model
 from .names import ADAPTER, CHECKPOINT, CONFIG, SUPPORT_FILES
 from .options import ConvertOptions
 from .plan import LoraPlan, MergeLayer, OutTensor, PartPlan, Plan
-from .policy import check_fit, check_peft_fit, output_dtype, part_dtype, plan_tie
+from .policy import check_fit, check_peft_fit, configured_tie, output_dtype, part_dtype, plan_tie
 from .sources import AdapterFolder, Checkpoint, Sources, SpanReader, TensorRef, find_adapter_folder, open_adapter_folder
 from .sources import open_checkpoint as open_checkpoint_file
+from .sources.model_folder import open_model_folder
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def build_plan(opened: Opened, opts: ConvertOptions) -> Plan:
     parts = []
     for comp in layout.components:
         keys = split.keys[comp.name]
-        if not keys:
+        if not keys and not (opened.checkpoint.frozen_excluded and AUTO_CLASS[comp.kind] is not None):
             log.warning("component %s: the checkpoint has no keys for it; skipped", comp.name)
             continue
         parts.append(_PartPlanner(comp, keys, opened, opts).plan())
@@ -97,6 +98,8 @@ def build_plan(opened: Opened, opts: ConvertOptions) -> Plan:
         dropped={reason: tuple(keys) for reason, keys in split.dropped.items()},
         parts=tuple(parts),
         lora_from=opts.lora_from,
+        checkpoint_layout=dict(ckpt.layout),
+        frozen_excluded=ckpt.frozen_excluded,
     )
     return dataclasses.replace(plan, engine=choose_engine(opts, plan.parts))
 
@@ -189,6 +192,10 @@ class _PartPlanner:
             lora.layout.merged_modules if lora else (),
             embedding_rows=lambda key: self.info(plain[key]).shape[0] if key in plain else None,
         )
+        from_base: tuple[str, ...] = ()
+        if ckpt.frozen_excluded:
+            analysis, from_base = self._fill_from_base(base, config, shape, analysis, lora)
+            plain = analysis.plain
         merged_keys = {f"{m}.weight" for m in (lora.layout.merged_modules if lora else ())}
         tie = plan_tie(config, shape.head_key, shape.embed_key, plain, merged_keys, lambda k: self.info(plain[k]))
         optional = {shape.head_key} if tie.tied and shape.head_key not in plain else set()
@@ -196,7 +203,7 @@ class _PartPlanner:
         check_fit(shape.plain, planned, optional, self.where, base.path / CONFIG, comp.name)
         outputs: dict[str, str] = {}
         if lora is not None:
-            given = {rel: self.info(rel).shape for rel in self.keys}
+            given = {rel: self.info(rel).shape for rel in analysis.keys}
             hint = "check that the base config matches the trained model (--base)"
             check_peft_fit(shape.peft, given, self.where, hint)
             layers = self._merge_layers(lora, shape.layers, plain)
@@ -218,7 +225,48 @@ class _PartPlanner:
             support_files=tuple(n for n in SUPPORT_FILES if (base.path / n).is_file()),
             vocab_resized=shape.vocab_resized,
             max_shard_size=self.opts.max_shard_size,
+            from_base=from_base,
         )
+
+    def _fill_from_base(
+        self, base: BaseRef, config: Any, shape: ModelShape, analysis: ComponentKeys, lora: LoraPlan | None
+    ) -> tuple[ComponentKeys, tuple[str, ...]]:
+        """The run did not save its frozen parameters: the tensors the model needs and the checkpoint lacks are the
+        base model's (base layers, norms, original copies, a frozen vision tower)."""
+        expected = shape.peft if lora is not None else shape.plain
+        missing = [rel for rel in expected if rel not in analysis.keys]
+        if not missing:
+            return analysis, ()
+        weights = open_model_folder(base.path, self.opened.sources.reader)
+        if weights is None:
+            raise ConvertError(
+                f"{self.opened.inputs.checkpoint} ({self.comp.name}): the run did not save its frozen parameters "
+                f"({len(missing)} tensors, e.g. {missing[0]}) and {base.path} has no weights to take them from; pass "
+                f"--base {self.comp.name}=PATH with the base model's weights"
+            )
+        name = f"base:{self.comp.name}"
+        self.opened.sources.add(name, weights)
+        available = set(weights.keys())
+        tied = configured_tie(config)
+        taken, unresolved = [], []
+        for rel in missing:
+            key = base_key(rel, lora.adapter_name) if lora is not None else rel
+            if key == shape.head_key and key not in available and tied:
+                key = shape.embed_key  # a tied head is saved once, as the embeddings
+            if key is None or key not in available or weights.info(key).shape != expected[rel]:
+                unresolved.append(rel)
+                continue
+            self.inputs[rel] = TensorRef(name, key)
+            taken.append(rel)
+        if unresolved:
+            raise ConvertError(
+                f"{self.opened.inputs.checkpoint} ({self.comp.name}): {len(unresolved)} tensors are neither in the "
+                f"checkpoint nor in the base model at {base.path} ({preview(unresolved, 3)}); the checkpoint is "
+                "incomplete, or the base is not the one the run trained from"
+            )
+        log.info("%s: %d frozen tensors the run did not save come from %s", self.comp.name, len(taken), base.path)
+        keys = {**analysis.keys, **{rel: rel for rel in taken}}
+        return component_keys(keys, self.where), tuple(taken)
 
     def _plan_lora(self, layout: PeftLayout) -> LoraPlan:
         opened, opts = self.opened, self.opts

@@ -24,6 +24,12 @@ from .plan import PartPlan
 log = logging.getLogger(__name__)
 
 
+def refuse_existing(out: Path, force: bool) -> None:
+    """An existing OUT is replaced only with ``force``."""
+    if out.exists() and not force:
+        raise ConvertError(f"{out}: already exists; pass --force to replace it or choose another --out")
+
+
 @contextmanager
 def staged_output(out: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary sibling of ``out``; on success rename it to ``out``, on failure remove it.
@@ -31,8 +37,7 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
     An existing ``out`` is refused unless ``force``; with ``force`` it stays intact until the new one is complete.
     """
     out = Path(out)
-    if out.exists() and not force:
-        raise ConvertError(f"{out}: already exists; pass --force to replace it or choose another --out")
+    refuse_existing(out, force)
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)

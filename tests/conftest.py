@@ -77,3 +77,24 @@ def pano_export(pano_run, tmp_path_factory):
     """The seed run converted by the full engine with verification on: (folder, manifest)."""
     out = tmp_path_factory.mktemp("exports") / "pano"
     return out, run_convert(pano_run, out, engine="full", verify=True)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Tests of multi-GPU runs last: their runs are trained in the background while the others run."""
+    items.sort(key=lambda item: "distributed_runs" in getattr(item, "fixturenames", ()))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _distributed_building(request, tmp_path_factory, bases):
+    """Start training the multi-GPU runs (two CPU ranks) at the first test, if any selected test needs them."""
+    if not any("distributed_runs" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        return None
+    from distributed import Building
+
+    return Building(tmp_path_factory.mktemp("distributed"), bases)
+
+
+@pytest.fixture(scope="session")
+def distributed_runs(_distributed_building) -> dict[str, Path]:
+    """Runs of multi-GPU training, made by two CPU ranks: DeepSpeed ZeRO-1/2/3 and FSDP2 (tests/distributed.py)."""
+    return _distributed_building.wait()

@@ -49,11 +49,10 @@ def cli(capsys, *argv: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def cli_subprocess(*argv: str) -> subprocess.CompletedProcess:
-    """``python -m converter ARGV`` in a fresh process (to see exactly what a user sees)."""
-    return subprocess.run(
-        [sys.executable, "-m", "converter", *map(str, argv)], capture_output=True, text=True, cwd=REPO, timeout=300
-    )
+def cli_subprocess(*argv: str, python: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """``python [PYTHON] -m converter ARGV`` in a fresh process (to see exactly what a user sees)."""
+    command = [sys.executable, *python, "-m", "converter", *map(str, argv)]
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -100,3 +99,40 @@ def export_logits(out: Path, pixel_values: torch.Tensor, input_ids: torch.Tensor
     projector = make_projector(dim, lm.config.hidden_size)
     projector.load_state_dict(load_file(out / "projector" / "model.safetensors"))
     return panorama_logits(vision, resampler.eval(), projector.eval(), lm, pixel_values, input_ids)
+
+
+def no_stage_left(parent: Path) -> bool:
+    return not [p for p in parent.iterdir() if ".ckpt2hf-" in p.name]
+
+
+def refused(capsys, run: Path, tmp_path: Path, *extra: str, command: str = "convert") -> str:
+    """Run the CLI; assert exit 2, one line on stderr, nothing written, the sources unchanged; return the line."""
+    before = tree_digest(run)
+    out = tmp_path / "out"
+    argv = [command, run, *(["--out", out] if command == "convert" else []), *extra, "--quiet"]
+    code, stdout, stderr = cli(capsys, *argv)
+    lines = stderr.strip().splitlines()
+    assert code == 2, stderr
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("ckpt2hf: error: ")
+    assert stdout == "" and not out.exists() and no_stage_left(tmp_path)
+    assert tree_digest(run) == before
+    return lines[0]
+
+
+def assert_engines_agree(run: Path, tmp_path: Path, **options) -> None:
+    """The full and the streaming engine write the same tensors, configs and key accounting."""
+    full = run_convert(run, tmp_path / "full", engine="full", **options)
+    streaming = run_convert(run, tmp_path / "streaming", engine="streaming", **options)
+    assert_same_tensors(export_tensors(tmp_path / "streaming"), export_tensors(tmp_path / "full"))
+    configs = {}
+    for engine in ("full", "streaming"):
+        out = tmp_path / engine
+        configs[engine] = {
+            p.relative_to(out).as_posix(): json.loads(p.read_text())
+            for p in out.rglob("*.json")
+            if p.name != "manifest.json"
+        }
+    assert configs["full"] == configs["streaming"]
+    assert full["keys"] == streaming["keys"]
+    assert (full["engine"], streaming["engine"]) == ("full", "streaming")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 
 import pytest
@@ -13,7 +12,7 @@ from safetensors.torch import load_file
 from converter.engines.streams import ReadAhead, SafetensorsStream
 from converter.errors import ConvertError
 
-from helpers import assert_same_tensors, export_tensors, run_convert
+from helpers import assert_engines_agree, assert_same_tensors, export_tensors, run_convert
 
 CASES = {
     "pano": ("pano_run", {}),
@@ -29,21 +28,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_engines_write_identical_tensors(case, request, tmp_path):
     fixture, options = CASES[case]
-    run = request.getfixturevalue(fixture)
-    full = run_convert(run, tmp_path / "full", engine="full", **options)
-    streaming = run_convert(run, tmp_path / "streaming", engine="streaming", **options)
-    assert_same_tensors(export_tensors(tmp_path / "streaming"), export_tensors(tmp_path / "full"))
-    files = sorted(p.relative_to(tmp_path / "full").as_posix() for p in (tmp_path / "full").rglob("*.json"))
-    assert files == sorted(
-        p.relative_to(tmp_path / "streaming").as_posix() for p in (tmp_path / "streaming").rglob("*.json")
-    )
-    for rel in files:
-        if rel != "manifest.json":
-            assert json.loads((tmp_path / "full" / rel).read_text()) == json.loads(
-                (tmp_path / "streaming" / rel).read_text()
-            ), rel
-    assert full["keys"] == streaming["keys"]
-    assert (full["engine"], streaming["engine"]) == ("full", "streaming")
+    assert_engines_agree(request.getfixturevalue(fixture), tmp_path, **options)
 
 
 def test_streaming_engine_verifies_what_it_wrote(pano_run, pano_export, tmp_path):

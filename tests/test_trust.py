@@ -26,7 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import REPO, assert_same_tensors, cli, export_tensors, run_convert, tree_digest
+from helpers import REPO, assert_same_tensors, cli, export_tensors, no_stage_left, refused, run_convert, tree_digest
 
 pytestmark = pytest.mark.trust
 
@@ -64,25 +64,6 @@ def _edit_checkpoint(run, edit):
     ckpt = torch.load(_ckpt(run), weights_only=True)
     edit(ckpt)
     torch.save(ckpt, _ckpt(run))
-
-
-def _no_stage_left(parent):
-    return not [p for p in parent.iterdir() if ".ckpt2hf-" in p.name]
-
-
-def _refused(capsys, run, tmp_path, *extra, command="convert"):
-    """Run the CLI; assert exit 2, one line on stderr, nothing written, the sources unchanged; return the line."""
-    before = tree_digest(run)
-    out = tmp_path / "out"
-    argv = [command, run, *(["--out", out] if command == "convert" else []), *extra, "--quiet"]
-    code, stdout, stderr = cli(capsys, *argv)
-    lines = stderr.strip().splitlines()
-    assert code == 2, stderr
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("ckpt2hf: error: ")
-    assert not out.exists() and _no_stage_left(tmp_path)
-    assert tree_digest(run) == before
-    return lines[0]
 
 
 # --- hostile pickles: nothing executes ---------------------------------------------------------------------------
@@ -154,7 +135,7 @@ def test_hostile_checkpoint_runs_nothing(case, run_copy, tmp_path, capsys):
     (tmp_path / "pwned.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     _edit_checkpoint(run_copy, lambda c: place(c, make(marker)))
     for command in ("convert", "inspect"):
-        line = _refused(capsys, run_copy, tmp_path, command=command)
+        line = refused(capsys, run_copy, tmp_path, command=command)
         assert line.startswith(f"ckpt2hf: error: {_ckpt(run_copy)}: refused: the pickle {expected}")
         assert line.endswith("nothing in it was executed; do not load this file with torch.load(weights_only=False)")
         assert not marker.exists() and (tmp_path / "victim").is_dir()
@@ -166,7 +147,7 @@ def test_hostile_adapter_bin_runs_nothing(run_copy, tmp_path, capsys):
     tensors = load_file(adapter / "adapter_model.safetensors")
     (adapter / "adapter_model.safetensors").unlink()
     torch.save({**tensors, "x": Payload(os.system, f"touch {marker}")}, adapter / "adapter_model.bin")
-    line = _refused(capsys, run_copy, tmp_path)
+    line = refused(capsys, run_copy, tmp_path)
     assert line.startswith(
         f"ckpt2hf: error: {adapter / 'adapter_model.bin'}: refused: the pickle refers to posix.system"
     )
@@ -255,14 +236,14 @@ def test_flipped_byte_in_tensor_data_fails_crc(run_copy, tmp_path, capsys, engin
     with SpanReader() as reader:
         span = open_checkpoint(_ckpt(run_copy), reader).source.spans[key]
     _flip(_ckpt(run_copy), span.offset + 5)
-    line = _refused(capsys, run_copy, tmp_path, "--engine", engine, "--lora-from", "checkpoint")
+    line = refused(capsys, run_copy, tmp_path, "--engine", engine, "--lora-from", "checkpoint")
     assert "fails its CRC-32 check (stored " in line and line.endswith("the file is corrupt; re-copy it")
 
 
 def test_flipped_byte_in_the_pickle(run_copy, tmp_path, capsys):
     offset, size = _record_offset(_ckpt(run_copy), lambda i: i.filename.endswith("data.pkl"))
     _flip(_ckpt(run_copy), offset + size // 2)
-    line = _refused(capsys, run_copy, tmp_path)
+    line = refused(capsys, run_copy, tmp_path)
     assert line.startswith(f"ckpt2hf: error: {_ckpt(run_copy)}: the checkpoint's pickle is damaged (")
 
 
@@ -275,14 +256,14 @@ def test_missing_tensor_record(run_copy, tmp_path, capsys):
                 if info.filename != victim:
                     zout.writestr(info, zin.read(info.filename))
     shutil.move(tmp_path / "x.ckpt", src)
-    line = _refused(capsys, run_copy, tmp_path)
+    line = refused(capsys, run_copy, tmp_path)
     assert "is missing; the file is damaged" in line
 
 
 def test_safetensors_with_a_bad_header(run_copy, tmp_path, capsys):
     adapter = run_copy / "lora_weights" / "adapter_model.safetensors"
     adapter.write_bytes((10**9).to_bytes(8, "little") + b"{garbage")
-    line = _refused(capsys, run_copy, tmp_path)
+    line = refused(capsys, run_copy, tmp_path)
     assert line.startswith(f"ckpt2hf: error: {adapter}: not a valid safetensors file (")
 
 
@@ -292,14 +273,14 @@ def test_adapter_for_another_base(run_copy, tmp_path, capsys):
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     tensors[key] = torch.zeros(32, 48)
     save_file(tensors, adapter, metadata={"format": "pt"})
-    line = _refused(capsys, run_copy, tmp_path)
+    line = refused(capsys, run_copy, tmp_path)
     assert f"{key} (32, 32) vs (32, 48)); the adapter was trained for another base model" in line
 
 
 def test_lora_a_without_lora_b(run_copy, tmp_path, capsys):
     key = "model.language_model.base_model.model.model.layers.1.mlp.up_proj.lora_B.default.weight"
     _edit_checkpoint(run_copy, lambda c: c["state_dict"].pop(key))
-    line = _refused(capsys, run_copy, tmp_path)
+    line = refused(capsys, run_copy, tmp_path)
     assert "1 LoRA modules are incomplete: model.layers.1.mlp.up_proj (lora_A without lora_B)" in line
 
 
@@ -310,7 +291,7 @@ def test_config_whose_shapes_disagree(run_copy, tmp_path, capsys):
     config = json.loads((base / "config.json").read_text())
     config["intermediate_size"] = 48
     (base / "config.json").write_text(json.dumps(config))
-    line = _refused(capsys, run_copy, tmp_path, "--base", f"language_model={base}")
+    line = refused(capsys, run_copy, tmp_path, "--base", f"language_model={base}")
     assert f"does not fit {base / 'config.json'}: 6 tensors have other shapes than the config gives (" in line
     assert line.endswith("pass --base language_model=PATH with the config the model was trained with")
 
@@ -319,7 +300,7 @@ def test_config_whose_shapes_disagree(run_copy, tmp_path, capsys):
 def test_nan_from_the_merge(run_copy, tmp_path, capsys, engine):
     key = "model.language_model.base_model.model.model.layers.0.self_attn.o_proj.lora_B.default.weight"
     _edit_checkpoint(run_copy, lambda c: c["state_dict"][key].__setitem__((0, 0), float("nan")))
-    line = _refused(capsys, run_copy, tmp_path, "--lora-from", "checkpoint", "--engine", engine)
+    line = refused(capsys, run_copy, tmp_path, "--lora-from", "checkpoint", "--engine", engine)
     assert "model.layers.0.self_attn.o_proj.weight holds 32 NaN/Inf values after the merge" in line
 
 
@@ -337,20 +318,20 @@ def test_nan_from_the_merge(run_copy, tmp_path, capsys, engine):
 )
 def test_float16_overflow(run_copy, tmp_path, capsys, engine, key, written):
     _edit_checkpoint(run_copy, lambda c: c["state_dict"][key].view(-1).__setitem__(0, 1e6))
-    line = _refused(capsys, run_copy, tmp_path, "--dtype", "float16", "--engine", engine, "--lora-from", "checkpoint")
+    line = refused(capsys, run_copy, tmp_path, "--dtype", "float16", "--engine", engine, "--lora-from", "checkpoint")
     assert f": {written} overflows float16 (max abs " in line
     assert line.endswith("use --dtype bfloat16 or float32")
 
 
 def test_non_tensor_in_state_dict(run_copy, tmp_path, capsys):
     _edit_checkpoint(run_copy, lambda c: c["state_dict"].__setitem__("model.projector.note", "hello"))
-    line = _refused(capsys, run_copy, tmp_path)
+    line = refused(capsys, run_copy, tmp_path)
     assert line == f"ckpt2hf: error: {_ckpt(run_copy)}: state_dict entry 'model.projector.note' is not a tensor"
 
 
 def test_invalid_adapter_config(run_copy, tmp_path, capsys):
     (run_copy / "lora_weights" / "adapter_config.json").write_text("{not json")
-    line = _refused(capsys, run_copy, tmp_path)
+    line = refused(capsys, run_copy, tmp_path)
     assert "adapter_config.json: unreadable adapter config (" in line
 
 
@@ -371,7 +352,7 @@ def _tmpfs(path, options):
 
 def test_disk_full(pano_run, tmp_path, capsys):
     with _tmpfs(tmp_path / "small", "size=160k") as disk:
-        line = _refused(capsys, pano_run, disk)
+        line = refused(capsys, pano_run, disk)
         assert line.startswith(f"ckpt2hf: error: {disk / 'out'}: writing the export failed (")
         assert "No space left on device" in line or "StorageFull" in line
         assert list(disk.iterdir()) == []
@@ -379,7 +360,7 @@ def test_disk_full(pano_run, tmp_path, capsys):
 
 def test_read_only_destination(pano_run, tmp_path, capsys):
     with _tmpfs(tmp_path / "ro", "ro,size=64k") as disk:
-        line = _refused(capsys, pano_run, disk)
+        line = refused(capsys, pano_run, disk)
         assert line == f"ckpt2hf: error: {disk}: cannot write here (Read-only file system); choose another --out"
 
 
@@ -403,7 +384,7 @@ def test_killed_mid_write_leaves_no_out(deep_run, tmp_path):
     assert proc.returncode == -signal.SIGKILL, "the convert finished before it could be killed"
     assert not out.exists() and tree_digest(deep_run) == before
     run_convert(deep_run, out)  # the next convert removes the dead one's staging folder
-    assert out.is_dir() and _no_stage_left(tmp_path)
+    assert out.is_dir() and no_stage_left(tmp_path)
 
 
 def test_force_keeps_the_old_export_when_the_new_one_fails(run_copy, tmp_path, capsys):
@@ -414,7 +395,7 @@ def test_force_keeps_the_old_export_when_the_new_one_fails(run_copy, tmp_path, c
     _edit_checkpoint(run_copy, lambda c: c["state_dict"][key].__setitem__((0, 0), float("inf")))
     code, _, stderr = cli(capsys, "convert", run_copy, "--out", out, "--force", "--lora-from", "checkpoint", "--quiet")
     assert code == 2 and "NaN/Inf" in stderr
-    assert tree_digest(out) == before and _no_stage_left(tmp_path)
+    assert tree_digest(out) == before and no_stage_left(tmp_path)
 
 
 # --- integrity: ckpt2hf verify -----------------------------------------------------------------------------------

@@ -74,6 +74,10 @@ class TensorSource(ABC):
     def crc32(self, key: str) -> int:
         """CRC-32 of the tensor's bytes, computed (reads them)."""
 
+    def origin(self, key: str) -> str:
+        """Where ``key``'s data is, in words (for ``inspect``)."""
+        return self.path.name
+
     def release(self, tensor: torch.Tensor) -> None:  # noqa: B027 - a source without a pool has nothing to do
         """Hand back a pooled buffer (a no-op for any other tensor)."""
 
@@ -100,7 +104,7 @@ class SpanSource(TensorSource):
         self.spans = dict(spans)
         self.tensors = {k: v for k, v in (tensors or {}).items() if k not in self.spans}
         self.records = dict(records or {})
-        self._keys = list(tensors) if tensors else list(self.spans)  # the file's order
+        self._keys = list(dict.fromkeys([*(tensors or {}), *self.spans]))  # the file's order
 
     def keys(self) -> list[str]:
         return list(self._keys)

@@ -102,9 +102,9 @@ class SpanReader:
         self._lock = threading.Lock()
         # CRC-32s run on a worker thread, in submission order; wait_crc() collects the verdicts.
         self._crc_worker: ThreadPoolExecutor | None = None
-        self._crc_state: dict[tuple[Path, str], int] = {}
+        self._crc_state: dict[tuple[Path, int], int] = {}
         self._crc_pending: list[Future] = []
-        self._claimed: set[tuple[Path, str]] = set()
+        self._claimed: set[tuple[Path, int]] = set()  # (file, record offset): records checked or being checked
 
     def close(self) -> None:
         if self._crc_worker is not None:
@@ -131,18 +131,20 @@ class SpanReader:
             self._fds[path] = os.open(path, os.O_RDONLY)
         return self._fds[path]
 
-    def _pread_into(self, span: Span, buffer: torch.Tensor, offset: int) -> None:
-        view = tensor_bytes(buffer)
-        fd, done = self._fd(span.path), 0
+    def pread(self, path: Path, offset: int, out: torch.Tensor) -> None:
+        """Fill the contiguous CPU tensor ``out`` with the file's bytes from ``offset``."""
+        view = tensor_bytes(out)
+        fd, done = self._fd(path), 0
         while done < len(view):
             n = os.preadv(fd, [view[done:]], offset + done)
             if n <= 0:
-                raise ConvertError(f"{span.path}: ends before the tensor data at byte {offset + done}; truncated")
+                raise ConvertError(f"{path}: ends before the tensor data at byte {offset + done}; truncated")
             done += n
 
     # --- buffers -------------------------------------------------------------------------------------------
-    def _lend(self, nbytes: int) -> torch.Tensor:
-        """A pooled buffer of at least ``nbytes`` (the smallest free one that fits, else a new one)."""
+    def lend(self, nbytes: int) -> torch.Tensor:
+        """A pooled uint8 buffer of at least ``nbytes`` (the smallest free one that fits, else a new one); hand it
+        (or any view of it) back with ``release``."""
         with self._lock:
             fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
             buf = self._free.pop(min(fits, key=lambda i: self._free[i].numel())) if fits else None
@@ -182,10 +184,10 @@ class SpanReader:
         shape = (stop - start, *span.shape[1:]) if span.shape else ()
         nbytes = numel(shape) * span.dtype.itemsize
         if pooled and nbytes > 0:
-            out = self._lend(nbytes)[:nbytes].view(span.dtype).view(shape)
+            out = self.lend(nbytes)[:nbytes].view(span.dtype).view(shape)
         else:
             out = torch.empty(shape, dtype=span.dtype)
-        self._pread_into(span, out, span.offset + start * span.row_bytes)
+        self.pread(span.path, span.offset + start * span.row_bytes, out)
         return out
 
     def read(self, span: Span, check_now: bool = False, pooled: bool = False) -> torch.Tensor:
@@ -196,12 +198,12 @@ class SpanReader:
         ``pooled``: the buffer is lent from the pool; hand it back with ``release`` once consumed.
         """
         tensor = self.rows(span, 0, span.rows, pooled)
-        if not self._claim(span, whole=True):
+        if not self.claim(span, whole=True):
             self.check_record(span)
         elif check_now:
-            self._verify(span, zlib.crc32(tensor_bytes(tensor)))
+            self.verify(span, zlib.crc32(tensor_bytes(tensor)))
         else:
-            self._crc_async(span, tensor, first=True, last=True)
+            self.crc_async(span, tensor, first=True, last=True)
         return tensor
 
     def chunks(
@@ -211,12 +213,12 @@ class SpanReader:
         checks the CRC-32. ``pooled``: pieces are pooled buffers that the consumer hands back with ``release``."""
         total = span.rows
         step = step or self.rows_per_chunk(span)
-        covers = self._claim(span, whole=True)
+        covers = self.claim(span, whole=True)
         for start in range(0, total, step):
             stop = min(total, start + step)
             piece = self.rows(span, start, stop, pooled) if span.shape else self.rows(span, 0, 1)
             if covers:
-                self._crc_async(span, piece, first=start == 0, last=stop == total)
+                self.crc_async(span, piece, first=start == 0, last=stop == total)
             yield start, stop, piece
         if not covers:
             self.check_record(span)
@@ -235,20 +237,20 @@ class SpanReader:
         return crc
 
     # --- CRC-32 checks -------------------------------------------------------------------------------------
-    def _claim(self, span: Span, whole: bool) -> bool:
+    def claim(self, span: Span, whole: bool) -> bool:
         """Claim the span's record for checking; True when this read covers it whole and nobody checks it yet."""
         r = span.record
         if r is None or (whole and not span.covers_record):
             return False
         with self._lock:
-            if (span.path, r.name) in self._claimed:
+            if (span.path, r.offset) in self._claimed:
                 return False
-            self._claimed.add((span.path, r.name))
+            self._claimed.add((span.path, r.offset))
         return True
 
-    def _crc_async(self, span: Span, piece: torch.Tensor, first: bool, last: bool) -> None:
+    def crc_async(self, span: Span, piece: torch.Tensor, first: bool, last: bool) -> None:
         """Fold ``piece`` into its record's CRC-32 on the worker thread; check the record after its last piece."""
-        key = (span.path, span.record.name)
+        key = (span.path, span.record.offset)
         self._hold(piece)
 
         def step() -> None:
@@ -256,7 +258,7 @@ class SpanReader:
                 crc = zlib.crc32(tensor_bytes(piece), 0 if first else self._crc_state[key])
                 if last:
                     self._crc_state.pop(key, None)
-                    self._verify(span, crc)
+                    self.verify(span, crc)
                 else:
                     self._crc_state[key] = crc
             finally:
@@ -270,7 +272,7 @@ class SpanReader:
         """CRC-32 of the span's whole record, read in chunks (for tensors that share a record or cover part of it);
         a record is checked once per reader."""
         r = span.record
-        if r is None or not self._claim(span, whole=False):
+        if r is None or not self.claim(span, whole=False):
             return
         crc, done = 0, 0
         while done < r.nbytes:
@@ -280,9 +282,9 @@ class SpanReader:
                 raise ConvertError(f"{span.path}: {r.name} is truncated")
             crc = zlib.crc32(buf, crc)
             done += n
-        self._verify(span, crc)
+        self.verify(span, crc)
 
-    def _verify(self, span: Span, crc: int) -> None:
+    def verify(self, span: Span, crc: int) -> None:
         r = span.record
         if crc != r.crc:
             raise ConvertError(

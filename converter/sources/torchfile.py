@@ -24,15 +24,20 @@ from .pread import Record, Span, SpanReader
 log = logging.getLogger(__name__)
 
 
-def read_torch_file(path: Path) -> tuple[Any, unpickle.Loaded | None]:
-    """The object a torch file holds, and for zip files what ``unpickle.load`` learned about it."""
+def read_torch_file(path: Path, expected: tuple[str, ...] = ()) -> tuple[Any, unpickle.Loaded | None]:
+    """The object a torch file holds, and for zip files what ``unpickle.load`` learned about it.
+
+    Objects of unknown classes are read as inert placeholders and listed in a warning, except those of the
+    modules named in ``expected`` (the classes a format is known to pickle, e.g. DeepSpeed's own).
+    """
     if not path.is_file():
         raise ConvertError(f"{path}: no such file")
     if zipfile.is_zipfile(path):
         loaded = unpickle.load(path)
-        if loaded.placeholders:
-            shown = ", ".join(f"{g} at {w}" for w, g in loaded.placeholders[:3])
-            more = f" and {len(loaded.placeholders) - 3} more" if len(loaded.placeholders) > 3 else ""
+        unknown = [(w, g) for w, g in loaded.placeholders if not g.startswith(expected)]
+        if unknown:
+            shown = ", ".join(f"{g} at {w}" for w, g in unknown[:3])
+            more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
             log.warning(
                 "%s: objects of unknown classes were read as inert placeholders (never constructed): %s%s",
                 path,
@@ -64,7 +69,7 @@ def read_torch_file(path: Path) -> tuple[Any, unpickle.Loaded | None]:
         ) from exc
 
 
-def _record_span(tensor: torch.Tensor, path: Path, records: dict[int, Record]) -> Span | None:
+def record_span(tensor: torch.Tensor, path: Path, records: dict[int, Record]) -> Span | None:
     """The whole zip record behind a memory-mapped tensor's storage (for its CRC-32 check)."""
     record = records.get(tensor.untyped_storage().data_ptr())
     if record is None:
@@ -72,7 +77,7 @@ def _record_span(tensor: torch.Tensor, path: Path, records: dict[int, Record]) -
     return Span(path, record.offset, torch.uint8, (record.nbytes,), record)
 
 
-def _span(tensor: torch.Tensor, path: Path, records: dict[int, Record]) -> Span | None:
+def span_of(tensor: torch.Tensor, path: Path, records: dict[int, Record]) -> Span | None:
     """Where a memory-mapped tensor's bytes are, if it is contiguous and backed by a zip record."""
     record = records.get(tensor.untyped_storage().data_ptr())
     if record is None or not tensor.is_contiguous():
@@ -90,6 +95,6 @@ def torch_tensor_source(
     if bad:
         raise ConvertError(f"{path}: state_dict entry {bad[0]!r} is not a tensor")
     records = loaded.records if loaded is not None else {}
-    spans = {k: s for k, t in tensors.items() if (s := _span(t, path, records)) is not None}
-    whole = {k: s for k, t in tensors.items() if k not in spans and (s := _record_span(t, path, records))}
+    spans = {k: s for k, t in tensors.items() if (s := span_of(t, path, records)) is not None}
+    whole = {k: s for k, t in tensors.items() if k not in spans and (s := record_span(t, path, records))}
     return SpanSource(path, reader, spans, {str(k): v for k, v in tensors.items()}, whole)

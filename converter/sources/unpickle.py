@@ -178,6 +178,16 @@ class Placeholder:
     def __repr__(self) -> str:
         return f"<unloaded {self._global}>"
 
+    @property
+    def recorded_state(self) -> Any:
+        """What the pickle restored into the object (BUILD): a dataclass's fields, a ``__getstate__`` result."""
+        return self.__dict__["state"]
+
+    @property
+    def recorded_args(self) -> tuple[Any, ...]:
+        """The arguments the pickle built the object with (an enum's value, a namedtuple's fields)."""
+        return self.__dict__["args"]
+
     def mapping(self) -> dict[Any, Any] | None:
         """The key/value pairs of a dict subclass the pickle filled (e.g. Lightning's AttributeDict), else None."""
         items = self.__dict__["items"]
@@ -276,7 +286,7 @@ def _verdict(where: str, item: Any) -> str | None:
     if module in DANGEROUS_MODULES:
         return f"refers to {qualified}"
     called = isinstance(item, Placeholder) and item.__dict__["called"]
-    if called and qualified not in BENIGN_CONSTRUCTORS and not name[:1].isupper():
+    if called and qualified not in BENIGN_CONSTRUCTORS and not name.lstrip("_")[:1].isupper():
         return f"calls {qualified}, a function outside the allowlist of tensor-rebuilding functions"
     return None
 
@@ -307,38 +317,85 @@ def _data_offset(fh: Any, info: zipfile.ZipInfo) -> int:
     return info.header_offset + 30 + name_len + extra_len
 
 
-def load(path: Path) -> Loaded:
+class _Window(io.RawIOBase):
+    """A read-only view of ``length`` bytes of a file from ``start``, seekable as if it were a file of its own (a
+    torch.save stream embedded in a larger file, as torch.distributed.checkpoint writes them)."""
+
+    def __init__(self, path: Path, start: int, length: int) -> None:
+        self._fh = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self._start, self._length, self._pos = start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        n = max(0, min(len(buffer), self._length - self._pos))
+        self._fh.seek(self._start + self._pos)
+        got = self._fh.readinto(memoryview(buffer)[:n])
+        self._pos += got
+        return got
+
+    def close(self) -> None:
+        self._fh.close()
+        super().close()
+
+
+# Anything zipfile may raise on a damaged archive (its own errors, and those of the structures it parses).
+ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, UnicodeDecodeError, struct.error)
+
+
+def load(path: Path, start: int = 0, length: int | None = None, mapping: torch.UntypedStorage | None = None) -> Loaded:
     """Unpickle a torch zip checkpoint safely; tensors are memory-mapped views of the file.
 
-    Raises HostileCheckpoint for a pickle that refers to code, ConvertError for anything unreadable.
+    ``start``/``length``: the zip is that window of the file (``mapping``: the file already mapped, to share one
+    mapping between many windows). Raises HostileCheckpoint for a pickle that refers to code, ConvertError for
+    anything unreadable.
     """
     path = Path(path)
+    size = path.stat().st_size
+    length = size - start if length is None else length
+    if start < 0 or length < 0 or start + length > size:
+        raise ConvertError(f"{path}: bytes {start}..{start + length} are outside the file; it is truncated or damaged")
+    stream: Any = path if (start, length) == (0, size) else _Window(path, start, length)
     try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
+        zf = zipfile.ZipFile(stream)
+        names = zf.namelist()
+        infos = {i.filename: i for i in zf.infolist()}
+    except ZIP_ERRORS as exc:
+        if not isinstance(stream, Path):
+            stream.close()
         raise ConvertError(
             f"{path}: not a readable PyTorch checkpoint ({exc}); the file may be truncated or corrupt"
         ) from exc
-    with zf:
-        names = zf.namelist()
-        pkl = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
-        if len(pkl) != 1:
-            raise ConvertError(f"{path}: a zip file, but not a PyTorch checkpoint (no single data.pkl)")
-        prefix = pkl[0][: -len("data.pkl")]
-        byteorder = zf.read(prefix + "byteorder").decode() if prefix + "byteorder" in names else "little"
-        if byteorder != sys.byteorder:
-            raise ConvertError(f"{path}: saved with {byteorder}-endian byte order; convert it on such a machine")
-        try:
-            data = zf.read(pkl[0])  # checks the CRC-32 of the pickle itself
-        except (zipfile.BadZipFile, OSError, zlib.error) as exc:
-            raise ConvertError(f"{path}: the checkpoint's pickle is damaged ({exc}); re-copy the file") from exc
-        infos = {i.filename: i for i in zf.infolist()}
-        size = path.stat().st_size
-        records: dict[int, Record] = {}
-        overall = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size) if size else None
-        storages: dict[str, Any] = {}
-
-        with open(path, "rb") as raw:
+    try:
+        with zf:
+            pkl = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
+            if len(pkl) != 1:
+                raise ConvertError(f"{path}: a zip file, but not a PyTorch checkpoint (no single data.pkl)")
+            prefix = pkl[0][: -len("data.pkl")]
+            try:
+                byteorder = zf.read(prefix + "byteorder").decode() if prefix + "byteorder" in names else "little"
+                data = zf.read(pkl[0])  # checks the CRC-32 of the pickle itself
+            except (*ZIP_ERRORS, zlib.error) as exc:
+                raise ConvertError(f"{path}: the checkpoint's pickle is damaged ({exc}); re-copy the file") from exc
+            if byteorder != sys.byteorder:
+                raise ConvertError(f"{path}: saved with {byteorder}-endian byte order; convert it on such a machine")
+            records: dict[int, Record] = {}
+            if mapping is None and size:
+                mapping = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+            storages: dict[str, Any] = {}
+            raw = stream if not isinstance(stream, Path) else open(path, "rb")  # noqa: SIM115 - closed below
 
             def load_storage(key: str, dtype: torch.dtype, numel: int) -> Any:
                 if key in storages:
@@ -349,12 +406,15 @@ def load(path: Path) -> Loaded:
                 if info.compress_type != zipfile.ZIP_STORED:
                     raise ConvertError(f"{path}: tensor record data/{key} is compressed; re-save with torch.save")
                 nbytes = numel * torch._utils._element_size(dtype)
-                offset = _data_offset(raw, info)
-                if nbytes > info.file_size or offset + nbytes > size:
+                try:
+                    offset = start + _data_offset(raw, info)
+                except ZIP_ERRORS as exc:
+                    raise ConvertError(f"{path}: tensor record data/{key} is damaged ({exc})") from exc
+                if nbytes > info.file_size or offset + nbytes > start + length:
                     raise ConvertError(
                         f"{path}: tensor record data/{key} is shorter than its tensor; the file is truncated or damaged"
                     )
-                untyped = overall[offset : offset + nbytes]
+                untyped = mapping[offset : offset + nbytes]
                 record = Record(info.filename, offset, info.file_size, info.CRC)
                 if nbytes:
                     records[untyped.data_ptr()] = record
@@ -362,25 +422,53 @@ def load(path: Path) -> Loaded:
                 storages[key] = storage
                 return storage
 
-            unpickler = _Unpickler(io.BytesIO(data), _allowed_globals(), load_storage)
             try:
-                obj = unpickler.load()
-            except HostileCheckpoint:
-                raise
-            except ConvertError:
-                raise
-            except Exception as exc:  # a malformed pickle can raise anything; it is reported, never re-tried
-                hostile = _dangerous_globals(data)
-                if hostile:
-                    raise HostileCheckpoint(
-                        f"{path}: refused: the pickle refers to {hostile[0]}; nothing in it was executed; "
-                        "do not load this file with torch.load(weights_only=False)"
-                    ) from exc
-                raise ConvertError(
-                    f"{path}: the checkpoint's pickle is malformed ({type(exc).__name__}: {str(exc)[:120]})"
-                ) from exc
+                obj = _unpickle(path, data, load_storage)
+            finally:
+                if raw is not stream:
+                    raw.close()
+    finally:
+        if not isinstance(stream, Path):
+            stream.close()
+    return Loaded(obj, _placeholders(obj, path), records)
 
-    placeholders = []
+
+def load_pickle(path: Path) -> Loaded:
+    """Unpickle a plain pickle file (no tensor data, e.g. torch.distributed.checkpoint's ``.metadata``) safely."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConvertError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
+
+    def no_storage(key: str, dtype: torch.dtype, numel: int) -> Any:
+        raise ConvertError(f"{path}: a pickle that should hold no tensor data refers to storage {key}")
+
+    obj = _unpickle(path, data, no_storage)
+    return Loaded(obj, _placeholders(obj, path), {})
+
+
+def _unpickle(path: Path, data: bytes, load_storage: Any) -> Any:
+    unpickler = _Unpickler(io.BytesIO(data), _allowed_globals(), load_storage)
+    try:
+        return unpickler.load()
+    except ConvertError:
+        raise
+    except Exception as exc:  # a malformed pickle can raise anything; it is reported, never re-tried
+        hostile = _dangerous_globals(data)
+        if hostile:
+            raise HostileCheckpoint(
+                f"{path}: refused: the pickle refers to {hostile[0]}; nothing in it was executed; "
+                "do not load this file with torch.load(weights_only=False)"
+            ) from exc
+        raise ConvertError(
+            f"{path}: the checkpoint's pickle is malformed ({type(exc).__name__}: {str(exc)[:120]})"
+        ) from exc
+
+
+def _placeholders(obj: Any, path: Path) -> list[tuple[str, str]]:
+    """Every placeholder in ``obj`` with where it sits; HostileCheckpoint for one that could act on the system."""
+    found = []
     for where, item in _walk(obj, "", set()):
         reason = _verdict(where, item)
         if reason is not None:
@@ -389,5 +477,5 @@ def load(path: Path) -> Loaded:
                 "do not load this file with torch.load(weights_only=False)"
             )
         cls = item if isinstance(item, type) else type(item)
-        placeholders.append((where, cls._global))
-    return Loaded(obj, placeholders, records)
+        found.append((where, cls._global))
+    return found

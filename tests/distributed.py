@@ -1,0 +1,229 @@
+"""Runs of multi-GPU training, made on CPU ranks: DeepSpeed ZeRO (driven the way Lightning's DeepSpeedStrategy
+drives it, which refuses CPU) and FSDP2 with torch.distributed.checkpoint in Lightning's sharded layout.
+
+One ``torch.multiprocessing`` spawn of two gloo ranks builds every run, so the libraries are imported once.
+Every file is written by the library that owns the format: DeepSpeed's ``save_checkpoint``, torch's ``dcp.save``,
+Lightning's own checkpoint dict (``dump_checkpoint``) as DeepSpeed's client state and as ``meta.pt``, PEFT's
+``save_pretrained`` for ``lora_weights/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import warnings
+from pathlib import Path
+
+import torch
+
+WORLD = 2
+STEPS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class DistSpec:
+    name: str
+    kind: str  # "deepspeed" or "fsdp"
+    stage: int = 0
+    bf16: bool = False
+    exclude_frozen: bool = False
+    adapter: bool = True  # write lora_weights/ with PEFT save_pretrained (rank 0)
+    modules_to_save: tuple[str, ...] | None = ("embed_tokens", "lm_head")
+
+
+# FSDP first: DeepSpeed's ZeRO-3 patches torch.nn.functional.linear for the rest of the process.
+SPECS = (
+    DistSpec("fsdp", "fsdp", adapter=False),
+    DistSpec("zero1", "deepspeed", stage=1, modules_to_save=None),  # lm_head stays tied: a shared parameter
+    DistSpec("zero2-bf16", "deepspeed", stage=2, bf16=True),
+    DistSpec("zero3", "deepspeed", stage=3),
+    DistSpec("zero3-no-frozen", "deepspeed", stage=3, exclude_frozen=True, adapter=False),
+)
+
+
+ONE_RANK = DistSpec("zero2-one-rank", "deepspeed", stage=2)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Building:
+    """The ranks training every run of ``SPECS`` (and ``ONE_RANK``) in the background; ``wait`` for the runs."""
+
+    def __init__(self, root: Path, bases: tuple[Path, Path]) -> None:
+        import torch.multiprocessing as mp
+
+        self.root = Path(root)
+        args = (WORLD, str(root), [str(b) for b in bases], _free_port())
+        self._context = mp.start_processes(_worker, args=args, nprocs=WORLD, join=False, start_method="spawn")
+
+    def wait(self) -> dict[str, Path]:
+        """name -> run folder (``ROOT/runs/NAME``), once every rank has finished (a rank's failure is raised)."""
+        while not self._context.join():
+            pass
+        return {spec.name: self.root / "runs" / spec.name for spec in (*SPECS, ONE_RANK)}
+
+
+def build_distributed_runs(root: Path, bases: tuple[Path, Path]) -> dict[str, Path]:
+    """Train every run on two CPU ranks and wait for them."""
+    return Building(root, bases).wait()
+
+
+def _quiet() -> None:
+    import logging
+
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "DeepSpeed", "deepspeed", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _worker(rank: int, world: int, root: str, bases: list[str], port: int) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _quiet()
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    for spec in SPECS:
+        run = Path(root) / "runs" / spec.name
+        if spec.kind == "deepspeed":
+            _deepspeed_run(spec, rank, run, bases)
+        else:
+            _fsdp_run(spec, rank, run, bases)
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    if rank == 0:  # one more run, on one rank: its files have another world size
+        import deepspeed.comm
+        from deepspeed.utils import groups
+
+        os.environ.update(MASTER_PORT=str(port + 1), WORLD_SIZE="1")
+        deepspeed.comm.comm.cdb = None  # DeepSpeed keeps the finished process group; start it afresh
+        groups._WORLD_GROUP = groups._DATA_PARALLEL_GROUP = None
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        _deepspeed_run(ONE_RANK, 0, Path(root) / "runs" / ONE_RANK.name, bases)
+        torch.distributed.destroy_process_group()
+
+
+def _module(spec: DistSpec, bases: list[str]):
+    from converter.example import _lightning_module_class
+
+    torch.manual_seed(0)  # every rank builds the same model
+    saved = list(spec.modules_to_save) if spec.modules_to_save else None
+    return _lightning_module_class()(vision_name=bases[0], language_model_name=bases[1], modules_to_save=saved)
+
+
+def _batches(rank: int, vocab: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(100 + rank)  # each rank sees its own data
+    return [
+        (torch.randn(2, 3, 16, 16, generator=generator), torch.randint(0, vocab, (2, 6), generator=generator))
+        for _ in range(STEPS)
+    ]
+
+
+def _vocab(bases: list[str]) -> int:
+    import json
+
+    return json.loads((Path(bases[1]) / "config.json").read_text())["vocab_size"]
+
+
+def trained_logits_path(run: Path) -> Path:
+    """Where a run's probe input and the logits the trained model gave on it are kept (beside the run)."""
+    return run.parent.parent / "trained" / f"{run.name}.pt"
+
+
+@torch.no_grad()
+def _save_trained_logits(spec: DistSpec, rank: int, module, run: Path, bases: list[str], dtype: torch.dtype) -> None:
+    """The trained model's logits on a fixed probe, computed by every rank (sharded forwards are collective)."""
+    generator = torch.Generator().manual_seed(7)
+    pixels = torch.randn(2, 3, 16, 16, generator=generator)
+    ids = torch.randint(0, _vocab(bases), (2, 9), generator=generator)
+    logits = module.vlm(pixels.to(dtype), ids).float()
+    if rank == 0:
+        path = trained_logits_path(run)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"pixel_values": pixels, "input_ids": ids, "logits": logits}, path)
+
+
+def _lightning_checkpoint(module, global_step: int) -> dict:
+    """Lightning's own checkpoint dict for ``module``, as its strategies hand it to DeepSpeed or write meta.pt."""
+    import lightning
+
+    trainer = lightning.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.strategy.connect(module)
+    checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+    checkpoint["global_step"] = global_step
+    return {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+
+
+def _deepspeed_run(spec: DistSpec, rank: int, run: Path, bases: list[str]) -> None:
+    import deepspeed
+    from deepspeed.utils import set_z3_leaf_modules
+
+    module = _module(spec, bases)
+    optimizer = module.configure_optimizers()
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "zero_optimization": {"stage": spec.stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": spec.bf16},
+    }
+    # nn.MultiheadAttention reads out_proj.weight without calling out_proj: ZeRO-3 must gather it whole.
+    set_z3_leaf_modules(module, [torch.nn.MultiheadAttention])
+    params = [p for p in module.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, model_parameters=params, config=config)
+    for step, (pixels, ids) in enumerate(_batches(rank, _vocab(bases))):
+        dtype = torch.bfloat16 if spec.bf16 else torch.float32
+        loss = module.training_step((pixels.to(dtype), ids), step)
+        engine.backward(loss)
+        engine.step()
+    _save_trained_logits(spec, rank, module, run, bases, torch.bfloat16 if spec.bf16 else torch.float32)
+    client_state = _lightning_checkpoint(module, STEPS)
+    engine.save_checkpoint(
+        str(run / "checkpoints" / "last.ckpt"),
+        client_state=client_state,
+        tag="checkpoint",
+        exclude_frozen_parameters=spec.exclude_frozen,
+    )
+    if spec.adapter:
+        lm = module.language_model
+        with deepspeed.zero.GatheredParameters(list(lm.parameters()), enabled=spec.stage == 3):
+            if rank == 0:
+                lm.save_pretrained(run / "lora_weights")
+
+
+def _fsdp_run(spec: DistSpec, rank: int, run: Path, bases: list[str]) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    module = _module(spec, bases)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in module.language_model.base_model.model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(module.model.vision_encoder, mesh=mesh)
+    fully_shard(module.model, mesh=mesh)  # the module training_step calls, so that its hooks gather the rest
+    optimizer = module.configure_optimizers()
+    for step, (pixels, ids) in enumerate(_batches(rank, _vocab(bases))):
+        loss = module.training_step((pixels, ids), step)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    _save_trained_logits(spec, rank, module, run, bases, torch.float32)
+    path = run / "checkpoints" / "last.ckpt"
+    state = {"model": get_model_state_dict(module), "optimizer_0": get_optimizer_state_dict(module, optimizer)}
+    dcp.save(state, checkpoint_id=path)
+    if rank == 0:
+        torch.save(_lightning_checkpoint(module, STEPS), path / "meta.pt")
