@@ -52,20 +52,21 @@ def _free_port() -> int:
 
 
 class Building:
-    """The ranks training every run of ``SPECS`` (and ``ONE_RANK``) in the background; ``wait`` for the runs."""
+    """Two ranks training ``specs`` (default: every run of ``SPECS``, then ``ONE_RANK``) in the background."""
 
-    def __init__(self, root: Path, bases: tuple[Path, Path]) -> None:
+    def __init__(self, root: Path, bases: tuple[Path, Path], specs: tuple[DistSpec, ...] | None = None) -> None:
         import torch.multiprocessing as mp
 
         self.root = Path(root)
-        args = (WORLD, str(root), [str(b) for b in bases], _free_port())
+        self.specs = specs if specs is not None else (*SPECS, ONE_RANK)
+        args = (WORLD, str(root), [str(b) for b in bases], _free_port(), self.specs)
         self._context = mp.start_processes(_worker, args=args, nprocs=WORLD, join=False, start_method="spawn")
 
     def wait(self) -> dict[str, Path]:
         """name -> run folder (``ROOT/runs/NAME``), once every rank has finished (a rank's failure is raised)."""
         while not self._context.join():
             pass
-        return {spec.name: self.root / "runs" / spec.name for spec in (*SPECS, ONE_RANK)}
+        return {spec.name: self.root / "runs" / spec.name for spec in self.specs}
 
 
 def build_distributed_runs(root: Path, bases: tuple[Path, Path]) -> dict[str, Path]:
@@ -85,7 +86,7 @@ def _quiet() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _worker(rank: int, world: int, root: str, bases: list[str], port: int) -> None:
+def _worker(rank: int, world: int, root: str, bases: list[str], port: int, specs: tuple[DistSpec, ...]) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
@@ -94,7 +95,7 @@ def _worker(rank: int, world: int, root: str, bases: list[str], port: int) -> No
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    for spec in SPECS:
+    for spec in (s for s in specs if s is not ONE_RANK):
         run = Path(root) / "runs" / spec.name
         if spec.kind == "deepspeed":
             _deepspeed_run(spec, rank, run, bases)
@@ -102,7 +103,7 @@ def _worker(rank: int, world: int, root: str, bases: list[str], port: int) -> No
             _fsdp_run(spec, rank, run, bases)
         torch.distributed.barrier()
     torch.distributed.destroy_process_group()
-    if rank == 0:  # one more run, on one rank: its files have another world size
+    if rank == 0 and ONE_RANK in specs:  # one more run, on one rank: its files have another world size
         import deepspeed.comm
         from deepspeed.utils import groups
 
@@ -122,10 +123,17 @@ def _module(spec: DistSpec, bases: list[str]):
     return _lightning_module_class()(vision_name=bases[0], language_model_name=bases[1], modules_to_save=saved)
 
 
-def _batches(rank: int, vocab: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _image_size(bases: list[str]) -> int:
+    import json
+
+    return json.loads((Path(bases[0]) / "config.json").read_text())["image_size"]
+
+
+def _batches(rank: int, bases: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(100 + rank)  # each rank sees its own data
+    size, vocab = _image_size(bases), _vocab(bases)
     return [
-        (torch.randn(2, 3, 16, 16, generator=generator), torch.randint(0, vocab, (2, 6), generator=generator))
+        (torch.randn(2, 3, size, size, generator=generator), torch.randint(0, vocab, (2, 6), generator=generator))
         for _ in range(STEPS)
     ]
 
@@ -145,7 +153,8 @@ def trained_logits_path(run: Path) -> Path:
 def _save_trained_logits(spec: DistSpec, rank: int, module, run: Path, bases: list[str], dtype: torch.dtype) -> None:
     """The trained model's logits on a fixed probe, computed by every rank (sharded forwards are collective)."""
     generator = torch.Generator().manual_seed(7)
-    pixels = torch.randn(2, 3, 16, 16, generator=generator)
+    size = _image_size(bases)
+    pixels = torch.randn(2, 3, size, size, generator=generator)
     ids = torch.randint(0, _vocab(bases), (2, 9), generator=generator)
     logits = module.vlm(pixels.to(dtype), ids).float()
     if rank == 0:
@@ -183,7 +192,7 @@ def _deepspeed_run(spec: DistSpec, rank: int, run: Path, bases: list[str]) -> No
     set_z3_leaf_modules(module, [torch.nn.MultiheadAttention])
     params = [p for p in module.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, model_parameters=params, config=config)
-    for step, (pixels, ids) in enumerate(_batches(rank, _vocab(bases))):
+    for step, (pixels, ids) in enumerate(_batches(rank, bases)):
         dtype = torch.bfloat16 if spec.bf16 else torch.float32
         loss = module.training_step((pixels.to(dtype), ids), step)
         engine.backward(loss)
@@ -216,7 +225,7 @@ def _fsdp_run(spec: DistSpec, rank: int, run: Path, bases: list[str]) -> None:
     fully_shard(module.model.vision_encoder, mesh=mesh)
     fully_shard(module.model, mesh=mesh)  # the module training_step calls, so that its hooks gather the rest
     optimizer = module.configure_optimizers()
-    for step, (pixels, ids) in enumerate(_batches(rank, _vocab(bases))):
+    for step, (pixels, ids) in enumerate(_batches(rank, bases)):
         loss = module.training_step((pixels, ids), step)
         loss.backward()
         optimizer.step()
