@@ -43,6 +43,8 @@ SPECS = (
 
 
 ONE_RANK = DistSpec("zero2-one-rank", "deepspeed", stage=2)
+FSDP_MODEL_PARALLEL = "fsdp-modelparallel"  # also written by the "fsdp" run, in other layouts
+FSDP_FULL = "fsdp-full"
 
 
 def _free_port() -> int:
@@ -66,7 +68,10 @@ class Building:
         """name -> run folder (``ROOT/runs/NAME``), once every rank has finished (a rank's failure is raised)."""
         while not self._context.join():
             pass
-        return {spec.name: self.root / "runs" / spec.name for spec in self.specs}
+        names = [spec.name for spec in self.specs]
+        if any(spec.kind == "fsdp" for spec in self.specs):
+            names += [FSDP_MODEL_PARALLEL, FSDP_FULL]
+        return {name: self.root / "runs" / name for name in names}
 
 
 def build_distributed_runs(root: Path, bases: tuple[Path, Path]) -> dict[str, Path]:
@@ -95,7 +100,7 @@ def _worker(rank: int, world: int, root: str, bases: list[str], port: int, specs
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    for spec in (s for s in specs if s is not ONE_RANK):
+    for spec in (s for s in specs if s != ONE_RANK):
         run = Path(root) / "runs" / spec.name
         if spec.kind == "deepspeed":
             _deepspeed_run(spec, rank, run, bases)
@@ -146,7 +151,8 @@ def _vocab(bases: list[str]) -> int:
 
 def trained_logits_path(run: Path) -> Path:
     """Where a run's probe input and the logits the trained model gave on it are kept (beside the run)."""
-    return run.parent.parent / "trained" / f"{run.name}.pt"
+    trained_by = {FSDP_MODEL_PARALLEL: "fsdp", FSDP_FULL: "fsdp"}.get(run.name, run.name)
+    return run.parent.parent / "trained" / f"{trained_by}.pt"
 
 
 @torch.no_grad()
@@ -214,7 +220,11 @@ def _deepspeed_run(spec: DistSpec, rank: int, run: Path, bases: list[str]) -> No
 
 def _fsdp_run(spec: DistSpec, rank: int, run: Path, bases: list[str]) -> None:
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -231,8 +241,20 @@ def _fsdp_run(spec: DistSpec, rank: int, run: Path, bases: list[str]) -> None:
         optimizer.step()
         optimizer.zero_grad()
     _save_trained_logits(spec, rank, module, run, bases, torch.float32)
-    path = run / "checkpoints" / "last.ckpt"
-    state = {"model": get_model_state_dict(module), "optimizer_0": get_optimizer_state_dict(module, optimizer)}
-    dcp.save(state, checkpoint_id=path)
+    meta = _lightning_checkpoint(module, STEPS)
+    weights, optim = get_model_state_dict(module), get_optimizer_state_dict(module, optimizer)
+    # Lightning's FSDPStrategy (sharded): weights under "model"; ModelParallelStrategy: under "state_dict".
+    for name, key in ((spec.name, "model"), (FSDP_MODEL_PARALLEL, "state_dict")):
+        path = run.parent / name / "checkpoints" / "last.ckpt"
+        dcp.save({key: weights, "optimizer_0": optim}, checkpoint_id=path)
+        if rank == 0:
+            torch.save(meta, path / "meta.pt")
+    # The "full" state dict (FSDPStrategy state_dict_type="full", ModelParallel without distributed checkpoints):
+    # consolidated on rank 0 into one ordinary Lightning checkpoint file.
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = get_model_state_dict(module, options=options)
+    full_optim = get_optimizer_state_dict(module, optimizer, options=options)
     if rank == 0:
-        torch.save(_lightning_checkpoint(module, STEPS), path / "meta.pt")
+        path = run.parent / FSDP_FULL / "checkpoints" / "last.ckpt"
+        path.parent.mkdir(parents=True)
+        torch.save({**meta, "state_dict": full, "optimizer_states": [full_optim]}, path)

@@ -24,7 +24,7 @@ from helpers import (
 )
 
 CLEAN = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
-RUNS = ["zero1", "zero2-bf16", "zero2-one-rank", "zero3", "zero3-no-frozen", "fsdp"]
+RUNS = ["zero1", "zero2-bf16", "zero2-one-rank", "zero3", "zero3-no-frozen", "fsdp", "fsdp-modelparallel", "fsdp-full"]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,9 @@ def test_converts_by_default_and_matches_the_trained_model(name, distributed_run
     assert code == 0, stderr
     assert stdout.startswith(f"wrote {out}")
     assert load_report(out / "language_model")[1] == CLEAN
-    trained = torch.load(trained_logits_path(distributed_runs[name]), weights_only=True)
+    trained = torch.load(
+        trained_logits_path(distributed_runs[name.removesuffix("-full").split("-model")[0]]), weights_only=True
+    )
     got = export_logits(out, trained["pixel_values"], trained["input_ids"])
     if name.endswith("bf16"):  # the trained module computed in bf16; the export holds the fp32 masters
         assert float((got - trained["logits"]).abs().max()) <= 5e-2 * max(1.0, float(trained["logits"].abs().max()))
@@ -57,12 +59,12 @@ def _consolidated(name, run, tmp_path):
     """The run's weights as the libraries' own consolidators give them, in a Lightning checkpoint file."""
     folder = run / "checkpoints" / "last.ckpt"
     path = tmp_path / "consolidated.ckpt"
-    if name == "fsdp":
+    if name.startswith("fsdp"):
         from lightning.fabric.utilities.load import _load_distributed_checkpoint
 
         full = _load_distributed_checkpoint(folder)
         meta = torch.load(folder / "meta.pt", weights_only=True)
-        torch.save({**meta, "state_dict": full["model"]}, path)
+        torch.save({**meta, "state_dict": full.get("model", full.get("state_dict"))}, path)
     else:
         from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
@@ -74,7 +76,7 @@ def _consolidated(name, run, tmp_path):
     return copy
 
 
-@pytest.mark.parametrize("name", ["zero2-bf16", "zero3", "fsdp"])
+@pytest.mark.parametrize("name", ["zero2-bf16", "zero3", "fsdp", "fsdp-modelparallel"])
 def test_exports_equal_the_libraries_own_consolidation(name, distributed_runs, tmp_path):
     """DeepSpeed's zero_to_fp32 (through Lightning) and torch.distributed.checkpoint's loader (through Fabric)
     consolidate the run; converting that single file gives exactly the tensors the folder gives."""
