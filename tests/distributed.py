@@ -98,7 +98,12 @@ def _worker(rank: int, world: int, root: str, bases: list[str], port: int, specs
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _quiet()
     import deepspeed
+    import deepspeed.ops
 
+    # No compiled DeepSpeed ops: its communication then goes through torch.distributed (gloo). Probing every op's
+    # compiler and JIT-building the shared-memory all-reduce would take about 40 s on a fresh machine, for nothing
+    # the checkpoint format depends on.
+    deepspeed.ops.__compatible_ops__ = {}
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     for spec in (s for s in specs if s != ONE_RANK):
         run = Path(root) / "runs" / spec.name
