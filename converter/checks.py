@@ -4,6 +4,7 @@ folder loads cleanly and matches its sources (``load_clean``, ``compare_logits``
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 from collections.abc import Mapping
@@ -32,8 +33,58 @@ def settle(plan: Plan, sources: Sources) -> Plan:
     return dataclasses.replace(plan, parts=tuple(_settle_part(part, sources) for part in plan.parts))
 
 
+B_FACTORS = ("lora_B", "lora_embedding_B")
+
+
+def _idle_layers(part: PartPlan, sources: Sources) -> list[str]:
+    """The LoRA layers whose B factors are all zeros (never trained, or a partial save): they change nothing.
+    A DoRA layer's magnitude may still change its weight: it is not counted."""
+    idle = []
+    for layer in part.lora.layers:
+        names = [name for name, _ in layer.inputs]
+        if any(n.split(".")[0] == "lora_magnitude_vector" for n in names) or "token_adapter" in layer.path:
+            continue
+        factors = [ref for name, ref in layer.inputs if name.split(".")[0] in B_FACTORS]
+        if factors and all(not sources.read(ref).any() for ref in factors):
+            idle.append(layer.module)
+    return idle
+
+
+def _saved_copies_changed(part: PartPlan, sources: Sources) -> bool:
+    """Whether any modules_to_save copy differs from its original (the copy is what training changed)."""
+    for rel, ref in part.inputs.items():
+        parts = rel.split(".")
+        if "modules_to_save" in parts:
+            i = parts.index("modules_to_save")
+            original = ".".join([*parts[:i], "original_module", *parts[i + 2 :]])
+            if original in part.inputs and not sources.equal(ref, part.inputs[original])[0]:
+                return True
+    return False
+
+
 def _settle_part(part: PartPlan, sources: Sources) -> PartPlan:
     lora, tie = part.lora, part.tie
+    if lora is not None and lora.layers:
+        idle = _idle_layers(part, sources)
+        if len(idle) == len([layer for layer in lora.layers if "token_adapter" not in layer.path]):
+            changes = lora.layout.token_modules or _saved_copies_changed(part, sources)
+            if not changes:
+                raise ConvertError(
+                    f"{lora.adapter_folder or sources.path(next(iter(part.inputs.values())))}: the adapter changes "
+                    f"nothing in {part.name}: all {len(idle)} LoRA modules have all-zero lora_B (never trained, or "
+                    "saved from one rank of a sharded run) and no trained copy differs; the export would be the base "
+                    "model under a fine-tune's name; convert the checkpoint that holds the training"
+                )
+        if idle:
+            log.warning(
+                "%s: %d of %d LoRA modules have all-zero lora_B and change nothing (never trained, or saved from one "
+                "rank of a sharded run): %s",
+                part.name,
+                len(idle),
+                len(lora.layers),
+                preview(idle, 3),
+            )
+        lora = dataclasses.replace(lora, idle=tuple(idle))
     if lora is not None and lora.pairing is not None:
         comparison = compare_sources(lora.pairing, part.keys, sources)
         log.info(
@@ -89,28 +140,50 @@ def load_clean(folder: Path, auto_class: str, device: torch.device, device_map: 
     return model.eval() if device_map == "meta" else model.to(device).eval()
 
 
-def compare_logits(reference: torch.Tensor, exported: torch.Tensor, dtype: torch.dtype, where: str) -> dict[str, Any]:
-    """Max abs difference between the unmerged model's logits and the export's, against the dtype's tolerance
-    relative to max(1, max |reference logit|); over tolerance is an error."""
+def compare_outputs(
+    reference: torch.Tensor, exported: torch.Tensor, dtype: torch.dtype, where: str, what: str = "logit"
+) -> dict[str, Any]:
+    """Max abs difference between the unmerged model's outputs (``what``: logits, hidden states) and the export's,
+    against the dtype's tolerance relative to max(1, max |reference output|); over tolerance is an error."""
     diff = float((reference.float() - exported.float()).abs().max())
     tol = tolerance(dtype) * max(1.0, float(reference.abs().max()))
     if not diff <= tol:  # also catches NaN
         raise ConvertError(
-            f"{where}: the export's logits differ from the unmerged model's by {diff:.3g} (tolerance {tol:.3g} for "
-            f"{str(dtype).removeprefix('torch.')}); the merge is wrong, report this with --debug output"
+            f"{where}: the export's {what.replace('_', ' ')}s differ from the unmerged model's by {diff:.3g} "
+            f"(tolerance {tol:.3g} for {str(dtype).removeprefix('torch.')}); the merge is wrong, report this with "
+            "--debug output"
         )
-    return {"max_abs_logit_diff": diff, "tolerance": tol, "max_abs_logit": float(reference.abs().max())}
+    return {f"max_abs_{what}_diff": diff, "tolerance": tol, f"max_abs_{what}": float(reference.abs().max())}
+
+
+def probe_inputs(auto_class: str, config: Any, seed: int = 1234) -> tuple[dict[str, torch.Tensor], str] | None:
+    """A random input for a part's model and what its output is: token ids for a causal LM, pixel values for a
+    vision model whose forward needs nothing else; None for a model that needs more (no end-to-end check)."""
+    generator = torch.Generator().manual_seed(seed)
+    if auto_class == "AutoModelForCausalLM":
+        vocab = config.get_text_config().vocab_size
+        return {"input_ids": torch.randint(0, vocab, (2, 16), generator=generator)}, "logit"
+    size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", 3)
+    if isinstance(size, int):
+        return {"pixel_values": torch.randn(2, channels, size, size, generator=generator)}, "hidden_state"
+    return None
 
 
 @torch.no_grad()
-def causal_lm_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+def model_outputs(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The model's logits or last hidden state on ``inputs`` (float32, CPU); None when its forward needs more."""
+    required = [
+        name
+        for name, p in inspect.signature(model.forward).parameters.items()
+        if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    if set(required) - set(inputs):
+        return None
     device = next(model.parameters()).device
-    return model(input_ids=input_ids.to(device)).logits.float().cpu()
-
-
-def probe_input_ids(vocab_size: int, seed: int = 1234, batch: int = 2, length: int = 16) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab_size, (batch, length), generator=generator)
+    dtype = model.dtype
+    out = model(**{k: v.to(device, dtype=dtype if v.is_floating_point() else None) for k, v in inputs.items()})
+    result = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+    return result.float().cpu()
 
 
 def written_files(folder: Path) -> list[str]:

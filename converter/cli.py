@@ -64,6 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
         "auto: streaming when the full engine would need more than --max-memory",
     )
     conv.add_argument("--max-memory", help="memory the auto engine may plan for (default: half the RAM), e.g. 8GB")
+    conv.add_argument(
+        "--tokenizer",
+        type=Path,
+        help="tokenizer folder to ship with the language model (default: the run's -- beside the adapter, "
+        "RUN/tokenizer/, a tokenizer_name hyper-parameter -- else the base's)",
+    )
+    conv.add_argument(
+        "--qlora-base",
+        choices=["base", "dequantized"],
+        default="base",
+        help="a QLoRA run's base weights: from the base model in full precision (default), or the run's 4-bit "
+        "weights dequantized by bitsandbytes",
+    )
     conv.add_argument("--no-verify", dest="verify", action="store_false", help="skip reloading and logit checks")
     conv.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     conv.add_argument("--force", action="store_true", help="replace an existing OUT (kept until the new one is done)")
@@ -120,8 +133,10 @@ def _print_result(manifest: dict[str, Any]) -> None:
     for name, comp in manifest["components"].items():
         check = (manifest.get("verification") or {}).get(name) or {}
         figures = []
-        if "max_abs_logit_diff" in check:
-            figures.append(f"max abs logit diff {check['max_abs_logit_diff']:.3g} (tol {check['tolerance']:.3g})")
+        for what in ("logit", "hidden_state"):
+            if f"max_abs_{what}_diff" in check:
+                diff = check[f"max_abs_{what}_diff"]
+                figures.append(f"max abs {what.replace('_', ' ')} diff {diff:.3g} (tol {check['tolerance']:.3g})")
         if check.get("layers_checked"):
             figures.append(
                 f"{check['layers_checked']} merged layers checked, max rel diff "
@@ -215,6 +230,8 @@ def _main(args: argparse.Namespace) -> int:
                 progress=not args.quiet and not args.json,
                 engine=args.engine,
                 max_memory=args.max_memory,
+                qlora_base=args.qlora_base,
+                tokenizer=args.tokenizer,
             )
             result = convert(opts)
             if args.json:

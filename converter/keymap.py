@@ -25,15 +25,29 @@ WRITTEN = "written"
 MERGED = "merged into its base layer"
 SUPERSEDED = "original_module superseded by modules_to_save"
 TIED = "lm_head tied to the input embeddings (identical values)"
+QUANT_STATE = "4-bit quantization state of a base weight (bitsandbytes)"
+
+# bitsandbytes' 4-bit state beside a packed weight W: W.absmax, W.quant_map, W.nested_absmax, W.nested_quant_map,
+# W.quant_state.bitsandbytes__nf4 (or __fp4).
+_QUANT_STATE = re.compile(
+    r"^(?P<w>.+)\.(?:absmax|quant_map|nested_absmax|nested_quant_map|quant_state\.bitsandbytes__(?:nf4|fp4))$"
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class OuterPrefix:
-    """The segments in front of every component prefix: wrappers and at most one LightningModule attribute."""
+    """The segments in front of every component prefix: wrappers, at most one LightningModule attribute, and
+    PEFT's ``base_model.model.`` when PEFT wraps the whole model (LLaVA-style) rather than one component."""
 
     prefix: str
     wrappers: tuple[str, ...]
     attribute: str | None
+    peft: bool = False
+
+    @property
+    def plain_prefix(self) -> str:
+        """The prefix a plain (un-PEFT'd) model's keys have."""
+        return self.prefix.removesuffix(PEFT_PREFIX) if self.peft else self.prefix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,12 +111,19 @@ def _match_component(config: LayoutConfig, rest: str) -> Component | None:
     return None
 
 
+PEFT_SEGMENTS = tuple(PEFT_PREFIX.rstrip(".").split("."))
+
+
 def _outer_candidates(key: str, config: LayoutConfig) -> Iterable[tuple[str, ...]]:
-    """Leading segment tuples that could be the outer prefix of ``key``."""
+    """Leading segment tuples that could be the outer prefix of ``key`` (wrappers and an attribute, then possibly
+    PEFT's ``base_model.model``)."""
     parts = key.split(".")
     yield ()
     attribute_used = False
     for i, seg in enumerate(parts[:-1][:4]):
+        if tuple(parts[i : i + 2]) == PEFT_SEGMENTS and i + 2 < len(parts):
+            yield tuple(parts[: i + 2])
+            return
         if seg in config.wrappers:
             pass
         elif not attribute_used and (config.attribute is None or seg == config.attribute):
@@ -132,14 +153,19 @@ def detect_outer_prefix(keys: list[str], config: LayoutConfig) -> OuterPrefix:
     if not scores:
         return OuterPrefix("", (), None)
 
+    def peft(cand: tuple[str, ...]) -> bool:
+        return cand[-2:] == PEFT_SEGMENTS
+
     def rank(cand: tuple[str, ...]) -> tuple[int, int, int]:
-        has_attr = any(seg not in config.wrappers for seg in cand)
+        plain = cand[:-2] if peft(cand) else cand
+        has_attr = any(seg not in config.wrappers for seg in plain)
         return (scores[cand], int(has_attr), -len(cand))
 
     best = max(scores, key=rank)
-    attribute = next((seg for seg in best if seg not in config.wrappers), None)
-    wrappers = tuple(seg for seg in best if seg in config.wrappers)
-    return OuterPrefix(".".join(best) + "." if best else "", wrappers, attribute)
+    plain = best[:-2] if peft(best) else best
+    attribute = next((seg for seg in plain if seg not in config.wrappers), None)
+    wrappers = tuple(seg for seg in plain if seg in config.wrappers)
+    return OuterPrefix(".".join(best) + "." if best else "", wrappers, attribute, peft(best))
 
 
 def strip_inner_wrappers(key: str, inner: Iterable[str]) -> str:
@@ -174,7 +200,18 @@ def split_components(keys: Iterable[str], config: LayoutConfig) -> Split:
             unclaimed.append(key)
             continue
         by_comp[comp.name][rest[len(comp.prefix) :]] = key
+    if outer.peft:  # PEFT wraps the whole model: a component with PEFT's markers reads as a PEFT sub-model
+        for name, keys in by_comp.items():
+            if any(_has_peft_markers(rel) for rel in keys):
+                by_comp[name] = {PEFT_PREFIX + rel: key for rel, key in keys.items()}
     return Split(outer, by_comp, dict(dropped), unclaimed)
+
+
+_MARKERS = {*LORA_FACTORS, "base_layer", "modules_to_save", "original_module", TOKEN_ADAPTER}
+
+
+def _has_peft_markers(key: str) -> bool:
+    return any(seg in _MARKERS for seg in key.split("."))
 
 
 def is_peft_wrapped(keys: Iterable[str]) -> bool:
@@ -202,7 +239,7 @@ def detect_peft_layout(keys: Iterable[str], where: str) -> PeftLayout:
             elif seg in ("lora_B", "lora_embedding_B"):
                 lora_b.add(".".join(parts[:i]))
             elif seg == "modules_to_save":
-                saved.add(".".join(parts[:i]))
+                saved.add(".".join(parts[:i]))  # "" when the component itself is saved whole
             elif seg == "lora_magnitude_vector":
                 dora = True
             elif seg == TOKEN_DELTA and i > 0 and parts[i - 1] == TOKEN_ADAPTER:
@@ -230,14 +267,16 @@ def _peft_rules(adapter: str) -> list[tuple[re.Pattern[str], str | None, str]]:
     """Ordered, anchored rules from a PEFT key (without ``base_model.model.``) to the plain HF key."""
     a = re.escape(adapter)
     return [
+        (_QUANT_STATE, None, QUANT_STATE),
         (re.compile(rf"^(?P<m>.+)\.{TOKEN_ADAPTER}\.base_layer\.(?P<p>[^.]+)$"), r"\g<m>.\g<p>", MERGED),
         (re.compile(rf"^.+\.{TOKEN_ADAPTER}\.{TOKEN_DELTA}\.{a}$"), None, MERGED),
         (re.compile(r"^(?P<m>.+)\.base_layer\.(?P<p>[^.]+)$"), r"\g<m>.\g<p>", MERGED),
         (re.compile(rf"^.+\.(?:lora_A|lora_B)\.{a}\.weight$"), None, MERGED),
         (re.compile(rf"^.+\.(?:lora_embedding_A|lora_embedding_B)\.{a}$"), None, MERGED),
         (re.compile(rf"^.+\.lora_magnitude_vector\.{a}\.weight$"), None, MERGED),
-        (re.compile(r"^.+\.original_module\..+$"), None, SUPERSEDED),
+        (re.compile(r"^(?:.+\.)?original_module\..+$"), None, SUPERSEDED),
         (re.compile(rf"^(?P<m>.+)\.modules_to_save\.{a}\.(?P<p>.+)$"), r"\g<m>.\g<p>", WRITTEN),
+        (re.compile(rf"^modules_to_save\.{a}\.(?P<p>.+)$"), r"\g<p>", WRITTEN),  # the component saved whole
         (re.compile(r"^(?P<k>.+)$"), r"\g<k>", WRITTEN),
     ]
 
@@ -323,9 +362,23 @@ class ComponentKeys:
     fates: dict[str, tuple[str, ...]]  # fate -> component-relative keys
 
 
+def quantized_weights(keys: Iterable[str]) -> dict[str, dict[str, str]]:
+    """Weights stored in 4-bit by bitsandbytes: weight key -> {state name (``absmax``, ...): its key}."""
+    keys = list(keys)
+    found: dict[str, dict[str, str]] = defaultdict(dict)
+    for key in keys:
+        m = _QUANT_STATE.match(key)
+        if m is not None:
+            found[m.group("w")][key[len(m.group("w")) + 1 :]] = key
+    return {w: states for w, states in found.items() if w in set(keys)}
+
+
 def component_keys(keys: dict[str, str], where: str) -> ComponentKeys:
     """Read a component's keys: a PEFT sub-model is mapped to the plain model's names (``plain_keys``)."""
     if not is_peft_wrapped(keys):
+        if any(_QUANT_STATE.match(k) for k in keys):
+            plain, fates = plain_keys(keys, "")
+            return ComponentKeys(keys, None, plain, {fate: tuple(rels) for fate, rels in fates.items()})
         return ComponentKeys(keys, None, {rel: rel for rel in keys}, {WRITTEN: tuple(keys)})
     layout = detect_peft_layout(keys, where)
     plain, fates = plain_keys(keys, layout.adapter_name)
@@ -345,3 +398,17 @@ def base_key(key: str, adapter: str) -> str | None:
         if seg in ("base_layer", "original_module"):
             return ".".join(parts[:i] + parts[i + 1 :])
     return inner
+
+
+def component_adapter_keys(adapter_keys: Iterable[str], component: Component, outer: OuterPrefix) -> dict[str, str]:
+    """An adapter folder's keys that belong to ``component``, as the component's keys name them -> as the folder
+    does. When PEFT wraps one component the whole folder is its; when PEFT wraps the whole model, the folder's keys
+    carry the component prefixes."""
+    if not outer.peft:
+        return {key: key for key in adapter_keys}
+    found = {}
+    for key in adapter_keys:
+        rest = key.removeprefix(PEFT_PREFIX)
+        if rest.startswith(component.prefix):
+            found[PEFT_PREFIX + rest[len(component.prefix) :]] = key
+    return found

@@ -3,8 +3,10 @@ adapter folder's (by key and shape when planning, by value when checking)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -67,14 +69,43 @@ def lora_config_from(
     return cfg, "hyper_parameters"
 
 
+def component_config(config: Any, layout: PeftLayout, prefix: str) -> Any:
+    """A whole-model adapter's LoraConfig restated for one component's model (PEFT wrapped the whole VLM): the
+    component's LoRA modules as exact targets, its modules_to_save, and each module's r and alpha as PEFT's own
+    pattern matching gives them for the module's full name (``prefix`` + its path in the component)."""
+    from peft.utils.other import get_pattern_key
+
+    ranks, alphas = {}, {}
+    for module in layout.lora_modules:
+        name = prefix + module
+        r = config.rank_pattern.get(get_pattern_key(list(config.rank_pattern), name), config.r)
+        alpha = config.alpha_pattern.get(get_pattern_key(list(config.alpha_pattern), name), config.lora_alpha)
+        if r != config.r:
+            ranks[re.escape(module)] = r
+        if alpha != config.lora_alpha:
+            alphas[re.escape(module)] = alpha
+    restated = copy.deepcopy(config)
+    restated.target_modules = set(layout.lora_modules)
+    restated.modules_to_save = layout.saved_names or None
+    restated.rank_pattern, restated.alpha_pattern = ranks, alphas
+    restated.layers_to_transform = restated.layers_pattern = restated.exclude_modules = None
+    return restated
+
+
 @dataclasses.dataclass(frozen=True)
 class Pairing:
-    """The checkpoint's adapter tensors matched with the adapter folder's by key and shape (no data read)."""
+    """The checkpoint's adapter tensors matched with the adapter folder's by meaning (no data read).
+
+    Only what training changes is paired and compared: LoRA factors, trainable token rows, modules_to_save copies.
+    Frozen layers PEFT saves beside an adapter (resized embeddings, the base layers of embedding LoRA, original
+    copies) are expected extras: ``saved_beside``.
+    """
 
     pairs: tuple[tuple[str, str], ...]  # (adapter folder key, component-relative checkpoint key), same shapes
     only_checkpoint: tuple[str, ...]  # adapter-folder names of checkpoint tensors the folder lacks
     only_adapter: tuple[str, ...]
     reshaped: tuple[str, ...]  # "key (checkpoint shape) vs (adapter shape)"
+    saved_beside: tuple[str, ...] = ()  # adapter folder keys of frozen layers saved with the adapter
 
     @property
     def keys(self) -> int:
@@ -82,29 +113,49 @@ class Pairing:
 
 
 def pair_sources(
-    keys: Mapping[str, str], infos: Mapping[str, TensorInfo], adapter: AdapterFolder, adapter_name: str
+    keys: Mapping[str, str],
+    infos: Mapping[str, TensorInfo],
+    adapter: AdapterFolder,
+    adapter_name: str,
+    folder_keys: Mapping[str, str],
 ) -> Pairing:
     """Pair the component's adapter tensors (``keys``: component-relative key -> source key, ``infos`` by
-    component-relative key) with the adapter folder's tensors."""
+    component-relative key) with the adapter folder's (``folder_keys``: the folder's keys of this component, as the
+    component names them -> as the folder names them)."""
     ours = {}
     for rel in keys:
         akey = adapter_key(rel, adapter_name)
         if akey is not None:
             ours[akey] = rel
-    theirs = {k: adapter.source.info(k) for k in adapter.source.keys()}
-    pairs, reshaped = [], []
-    for akey in sorted(ours.keys() & theirs.keys()):
-        ckpt_shape, adapter_shape = infos[ours[akey]].shape, theirs[akey].shape
-        if ckpt_shape != adapter_shape:
-            reshaped.append(f"{akey} {ckpt_shape} vs {adapter_shape}")
+    pairs, reshaped, only_adapter, beside = [], [], [], []
+    for name, akey in sorted(folder_keys.items()):
+        if name in ours:
+            ckpt_shape, adapter_shape = infos[ours[name]].shape, adapter.source.info(akey).shape
+            if ckpt_shape != adapter_shape:
+                reshaped.append(f"{akey} {ckpt_shape} vs {adapter_shape}")
+            else:
+                pairs.append((akey, ours[name]))
+        elif name in keys or _saved_copy(name, adapter_name) in keys:
+            beside.append(akey)  # a frozen layer, or a second copy of a trained one, saved by PEFT with the adapter
         else:
-            pairs.append((akey, ours[akey]))
+            only_adapter.append(akey)
     return Pairing(
         tuple(pairs),
-        tuple(sorted(ours.keys() - theirs.keys())),
-        tuple(sorted(theirs.keys() - ours.keys())),
+        tuple(sorted(ours.keys() - folder_keys.keys())),
+        tuple(only_adapter),
         tuple(reshaped),
+        tuple(beside),
     )
+
+
+def _saved_copy(name: str, adapter_name: str) -> str | None:
+    """``X.modules_to_save.P`` (how PEFT names the trained copy when it saves a whole embedding layer) as the
+    checkpoint names it: ``X.modules_to_save.<adapter>.P``."""
+    parts = name.split(".")
+    if "modules_to_save" not in parts:
+        return None
+    i = parts.index("modules_to_save")
+    return ".".join([*parts[: i + 1], adapter_name, *parts[i + 1 :]])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +184,7 @@ class SourceComparison:
 
 def compare_sources(pairing: Pairing, keys: Mapping[str, str], sources: Sources) -> SourceComparison:
     """Compare each paired tensor by value (``keys``: component-relative key -> the checkpoint's key)."""
-    differing, max_diff = [k.split(" ", 1)[0] for k in pairing.reshaped], 0.0
+    differing, max_diff = [k.split(" ", 1)[0] for k in pairing.reshaped], 0.0  # "key (shape) vs (shape)"
     for akey, rel in pairing.pairs:
         equal, diff = sources.equal(TensorRef(CHECKPOINT, keys[rel]), TensorRef(ADAPTER, akey))
         if not equal:

@@ -28,5 +28,7 @@ class ConvertOptions:
     progress: bool = True
     engine: str = "auto"  # auto | full | streaming
     max_memory: str | int | None = None  # the auto engine streams when the full engine would need more
+    tokenizer: Path | None = None  # the tokenizer to ship with a language model (default: the run's, else the base's)
+    qlora_base: str = "base"  # base: a QLoRA run's base weights from the base model; dequantized: from the run
     chunk_bytes: int = CHUNK_BYTES  # pieces the engines read and write at a time
     pool_bytes: int = POOL_BYTES  # buffers the reader keeps for reuse

@@ -22,8 +22,13 @@ from .keymap import TIED, WRITTEN, OuterPrefix, PeftLayout
 from .layout import Component
 from .lora import Pairing, SourceComparison
 from .sources import TensorRef
+from .vocab import Tokenizer
 
 FROM_BASE = "not in the checkpoint (frozen, not saved): read from the base model"
+QLORA_BASES = {
+    "base": "the base model's weights (full precision)",
+    "dequantized": "the checkpoint's 4-bit weights, dequantized by bitsandbytes (as the trained model saw them)",
+}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -60,6 +65,7 @@ class MergeLayer:
     path: str  # where the layer sits in the PEFT model, e.g. base_model.model.model.layers.0.self_attn.q_proj
     inputs: tuple[tuple[str, TensorRef], ...]  # the layer's state_dict name -> source tensor
     outputs: tuple[str, ...]  # plain keys written from it (module.weight, module.bias)
+    input_dtypes: tuple[torch.dtype, ...] = ()  # the dtypes its inputs are stored in
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +81,7 @@ class LoraPlan:
     adapter_folder: Path | None = None  # the weights file of the adapter folder, if the run has one
     pairing: Pairing | None = None  # checkpoint vs adapter folder by key (None: no adapter folder)
     comparison: SourceComparison | None = None  # by value: filled in by ``settle``
+    idle: tuple[str, ...] = ()  # LoRA modules whose B factors are all zeros: filled in by ``settle``
 
     def facts(self) -> dict[str, Any]:
         """What the manifest records about the adapter."""
@@ -91,6 +98,8 @@ class LoraPlan:
             "config_from": self.config_from,
             "tensors_from": self.tensors_from,
             "lora_pairs": len(self.layout.lora_modules),
+            "idle_lora_modules": len(self.idle),
+            "trainable_token_modules": list(self.layout.token_modules),
             "sources_compared": self.comparison.as_dict() if self.comparison is not None else None,
         }
 
@@ -128,6 +137,9 @@ class PartPlan:
     vocab_resized: int | None = None  # rows of the embeddings, when they differ from the base's vocab_size
     max_shard_size: str | int | None = None  # None: always one file
     from_base: tuple[str, ...] = ()  # component keys the run did not save, read from the base model's weights
+    tokenizer: Tokenizer | None = None  # shipped with a language model (its files replace the base's)
+    quantized: tuple[str, ...] = ()  # component keys of weights the run held in 4-bit (QLoRA)
+    qlora_base: str | None = None  # where their full-precision values come from (see QLORA_BASES)
 
     @property
     def name(self) -> str:
@@ -136,6 +148,16 @@ class PartPlan:
     @property
     def out(self) -> str:
         return self.comp.out
+
+    @property
+    def check_dtype(self) -> torch.dtype:
+        """The dtype whose tolerance verification applies: the export's, or the run's when that is narrower (a
+        bf16 run's LoRA factors carry bf16 precision whatever the export's dtype)."""
+        dtypes = [self.dtype or torch.float32]
+        if self.lora is not None:
+            dtypes += [ref_dtype for layer in self.lora.layers for ref_dtype in layer.input_dtypes]
+        floating = [d for d in dtypes if d.is_floating_point]
+        return min(floating, key=lambda d: (d.itemsize, 0 if d == torch.bfloat16 else 1))
 
     @property
     def tied(self) -> bool:
@@ -175,6 +197,10 @@ class PartPlan:
         if self.base is not None:
             out["base"] = str(self.base.path)
             out["tie_word_embeddings"] = self.tied
+        if self.tokenizer is not None:
+            out["tokenizer"] = self.tokenizer.record()
+        if self.quantized:
+            out["qlora"] = {"quantized_weights": len(self.quantized), "base_weights_from": QLORA_BASES[self.qlora_base]}
         if self.lora is not None:
             out["lora"] = {
                 "adapter": self.lora.adapter_name,
@@ -186,7 +212,8 @@ class PartPlan:
     def files(self) -> list[str]:
         if self.auto_class is None:
             return ["model.safetensors"]
-        return ["config.json", "model.safetensors (or shards + index)", *self.support_files]
+        tokenizer = list(self.tokenizer.files) if self.tokenizer is not None else []
+        return ["config.json", "model.safetensors (or shards + index)", *self.support_files, *tokenizer]
 
 
 @dataclasses.dataclass(frozen=True)

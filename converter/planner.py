@@ -11,17 +11,36 @@ from typing import Any
 from .bases import BaseRef, load_base_config, resolve_base
 from .discover import RunInputs, find_inputs
 from .errors import ConvertError, preview
-from .keymap import WRITTEN, ComponentKeys, PeftLayout, Split, base_key, component_keys, split_components
+from .keymap import (
+    ComponentKeys,
+    PeftLayout,
+    Split,
+    base_key,
+    component_adapter_keys,
+    component_keys,
+    quantized_weights,
+    split_components,
+)
 from .layout import Component, LayoutConfig, load_layout
-from .lora import lora_config_from, pair_sources, refuse_reshaped
+from .lora import component_config, lora_config_from, pair_sources, refuse_reshaped
 from .merge import ModelShape, describe_model
 from .names import ADAPTER, CHECKPOINT, CONFIG, SUPPORT_FILES
 from .options import ConvertOptions
-from .plan import LoraPlan, MergeLayer, OutTensor, PartPlan, Plan
+from .plan import QLORA_BASES, LoraPlan, MergeLayer, OutTensor, PartPlan, Plan
 from .policy import check_fit, check_peft_fit, configured_tie, output_dtype, part_dtype, plan_tie
-from .sources import AdapterFolder, Checkpoint, Sources, SpanReader, TensorRef, find_adapter_folder, open_adapter_folder
+from .sources import (
+    AdapterFolder,
+    Checkpoint,
+    Sources,
+    SpanReader,
+    SpanSource,
+    TensorRef,
+    find_adapter_folder,
+    open_adapter_folder,
+)
 from .sources import open_checkpoint as open_checkpoint_file
 from .sources.model_folder import open_model_folder
+from .vocab import TOKENIZER_FILES, check_tokenizer, find_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +50,7 @@ AUTO_CLASS: dict[str, str | None] = {
     "hf_causal_lm": "AutoModelForCausalLM",
     "state_dict": None,
 }
-# Component kinds whose PEFT wrapping is merged (the others refuse PEFT keys).
-MERGES_LORA = {"hf_causal_lm"}
+
 STREAM_ABOVE = 1 << 30  # float32 bytes of a part above which auto streams even when memory would allow the full engine
 
 
@@ -45,6 +63,7 @@ class Opened:
     layout: LayoutConfig
     split: Split
     sources: Sources  # "checkpoint", and "adapter" once an adapter folder is opened
+    adapter: AdapterFolder | None = None  # the run's adapter folder, once a PEFT component opened it
 
     def close(self) -> None:
         self.sources.close()
@@ -141,20 +160,26 @@ class _PartPlanner:
 
     def plan(self) -> PartPlan:
         auto_class = AUTO_CLASS[self.comp.kind]
-        if auto_class is None:
-            dtype = part_dtype(self.opts.dtype)
-            plain = {rel: rel for rel in self.keys}  # a state_dict is written under its own names
-            return PartPlan(
-                comp=self.comp,
-                auto_class=None,
-                keys=self.keys,
-                inputs=self.inputs,
-                plain=plain,
-                fates={WRITTEN: tuple(self.keys)},
-                candidates=self._candidates(plain, dtype),
-                dtype=dtype,
+        analysis = component_keys(self.keys, self.where)
+        if auto_class is not None:
+            return self._plan_hf(auto_class, analysis)
+        peft = analysis.peft
+        if peft is not None and peft.merged_modules:
+            raise ConvertError(
+                f"{self.where}: LoRA on a module of a state_dict component ({preview(list(peft.merged_modules), 2)}) "
+                "is not merged; make the component a Hugging Face model (kind hf_model) or keep LoRA off it"
             )
-        return self._plan_hf(auto_class, component_keys(self.keys, self.where))
+        dtype = part_dtype(self.opts.dtype)
+        return PartPlan(  # a state_dict is written under its own names (a modules_to_save copy replacing the original)
+            comp=self.comp,
+            auto_class=None,
+            keys=self.keys,
+            inputs=self.inputs,
+            plain=analysis.plain,
+            fates=analysis.fates,
+            candidates=self._candidates(analysis.plain, dtype),
+            dtype=dtype,
+        )
 
     def _candidates(self, plain: dict[str, str], dtype: Any, merged: dict[str, str] | None = None) -> tuple:
         merged = merged or {}
@@ -172,14 +197,10 @@ class _PartPlanner:
         ckpt = opened.checkpoint
         base = resolve_base(comp, ckpt.hparams, opened.inputs.run, self.opts.bases, ckpt.path)
         config = copy.deepcopy(load_base_config(base))
+        base_vocab = getattr(config.get_text_config(), "vocab_size", None)
         plain = analysis.plain
         lora = None
         if analysis.peft is not None:
-            if comp.kind not in MERGES_LORA:
-                raise ConvertError(
-                    f"{ckpt.path}: {comp.name} is PEFT-wrapped, but LoRA is merged only in hf_causal_lm components; "
-                    "change its kind in the config"
-                )
             lora = self._plan_lora(analysis.peft)
         dtype = part_dtype(self.opts.dtype, config)
         if dtype is not None:
@@ -196,6 +217,20 @@ class _PartPlanner:
         if ckpt.frozen_excluded:
             analysis, from_base = self._fill_from_base(base, config, shape, analysis, lora)
             plain = analysis.plain
+        quantized = quantized_weights(analysis.keys)
+        if quantized:
+            self._unquantize(quantized, base, shape, lora)
+        tokenizer = None
+        if auto_class == "AutoModelForCausalLM":
+            rows = self.info(plain[shape.embed_key]).shape[0] if shape.embed_key in plain else None
+            folder, found_by = find_tokenizer(
+                self.opts.tokenizer,
+                self.opened.adapter.path if self.opened.adapter is not None else None,
+                self.opened.inputs.run,
+                ckpt.hparams,
+                base.path,
+            )
+            tokenizer = check_tokenizer(folder, found_by, rows, base_vocab, self.where)
         merged_keys = {f"{m}.weight" for m in (lora.layout.merged_modules if lora else ())}
         tie = plan_tie(config, shape.head_key, shape.embed_key, plain, merged_keys, lambda k: self.info(plain[k]))
         optional = {shape.head_key} if tie.tied and shape.head_key not in plain else set()
@@ -203,7 +238,8 @@ class _PartPlanner:
         check_fit(shape.plain, planned, optional, self.where, base.path / CONFIG, comp.name)
         outputs: dict[str, str] = {}
         if lora is not None:
-            given = {rel: self.info(rel).shape for rel in analysis.keys}
+            states = {rel for weight in quantized.values() for rel in weight.values()}
+            given = {rel: self.info(rel).shape for rel in analysis.keys if rel not in states}
             hint = "check that the base config matches the trained model (--base)"
             check_peft_fit(shape.peft, given, self.where, hint)
             layers = self._merge_layers(lora, shape.layers, plain)
@@ -222,11 +258,73 @@ class _PartPlanner:
             config=config,
             lora=lora,
             tie=tie,
-            support_files=tuple(n for n in SUPPORT_FILES if (base.path / n).is_file()),
+            support_files=tuple(
+                n
+                for n in SUPPORT_FILES
+                if (base.path / n).is_file() and (tokenizer is None or n not in TOKENIZER_FILES)
+            ),
+            tokenizer=tokenizer,
             vocab_resized=shape.vocab_resized,
             max_shard_size=self.opts.max_shard_size,
             from_base=from_base,
+            quantized=tuple(quantized),
+            qlora_base=self.opts.qlora_base if quantized else None,
         )
+
+    def _base_weights(self, base: BaseRef, why: str) -> tuple[str, SpanSource]:
+        """The base model's weights as a source (registered once per component); ConvertError naming ``why``."""
+        name = f"base:{self.comp.name}"
+        sources = self.opened.sources
+        if name not in sources:
+            weights = open_model_folder(base.path, sources.reader)
+            if weights is None:
+                raise ConvertError(
+                    f"{self.opened.inputs.checkpoint} ({self.comp.name}): {why}, and {base.path} has no weights to "
+                    f"take them from; pass --base {self.comp.name}=PATH with the base model's weights"
+                )
+            sources.add(name, weights)
+        return name, sources[name]
+
+    def _unquantize(
+        self, quantized: dict[str, dict[str, str]], base: BaseRef, shape: ModelShape, lora: LoraPlan | None
+    ) -> None:
+        """QLoRA: the run held these base weights in 4-bit. By default they come from the base model in full
+        precision; with --qlora-base dequantized, bitsandbytes dequantizes the run's own 4-bit weights."""
+        expected = shape.peft if lora is not None else shape.plain
+        for states in quantized.values():  # the state goes into the dequantization, if at all: no tensor of its own
+            for rel in states.values():
+                self.inputs.pop(rel, None)
+        mode = self.opts.qlora_base
+        if mode not in QLORA_BASES:
+            raise ConvertError(f"--qlora-base {mode}: use {' or '.join(QLORA_BASES)}")
+        if mode == "dequantized":
+            from .sources.dequantized import DequantizedSource
+
+            packed = {rel: TensorRef(CHECKPOINT, self.keys[rel]) for rel in quantized}
+            states = {
+                rel: {state: TensorRef(CHECKPOINT, self.keys[key]) for state, key in found.items()}
+                for rel, found in quantized.items()
+            }
+            name = f"dequantized:{self.comp.name}"
+            self.opened.sources.add(name, DequantizedSource(self.opened.sources, packed, states, expected))
+            for rel in quantized:
+                self.inputs[rel] = TensorRef(name, rel)
+            return
+        name, weights = self._base_weights(base, f"the run held {len(quantized)} base weights in 4-bit (QLoRA)")
+        available = set(weights.keys())
+        missing = []
+        for rel in quantized:
+            key = base_key(rel, lora.adapter_name) if lora is not None else rel
+            if key not in available or weights.info(key).shape != expected.get(rel):
+                missing.append(rel)
+                continue
+            self.inputs[rel] = TensorRef(name, key)
+        if missing:
+            raise ConvertError(
+                f"{self.opened.inputs.checkpoint} ({self.comp.name}): {len(missing)} 4-bit weights have no "
+                f"full-precision counterpart in {base.path} ({preview(missing, 3)}); pass --base {self.comp.name}=PATH "
+                "with the model the run quantized, or --qlora-base dequantized"
+            )
 
     def _fill_from_base(
         self, base: BaseRef, config: Any, shape: ModelShape, analysis: ComponentKeys, lora: LoraPlan | None
@@ -237,15 +335,8 @@ class _PartPlanner:
         missing = [rel for rel in expected if rel not in analysis.keys]
         if not missing:
             return analysis, ()
-        weights = open_model_folder(base.path, self.opened.sources.reader)
-        if weights is None:
-            raise ConvertError(
-                f"{self.opened.inputs.checkpoint} ({self.comp.name}): the run did not save its frozen parameters "
-                f"({len(missing)} tensors, e.g. {missing[0]}) and {base.path} has no weights to take them from; pass "
-                f"--base {self.comp.name}=PATH with the base model's weights"
-            )
-        name = f"base:{self.comp.name}"
-        self.opened.sources.add(name, weights)
+        why = f"the run did not save its frozen parameters ({len(missing)} tensors, e.g. {missing[0]})"
+        name, weights = self._base_weights(base, why)
         available = set(weights.keys())
         tied = configured_tie(config)
         taken, unresolved = [], []
@@ -272,10 +363,13 @@ class _PartPlanner:
         opened, opts = self.opened, self.opts
         adapter = self._adapter(layout.adapter_name)
         config, config_from = lora_config_from(layout, adapter, opened.checkpoint.hparams, self.where)
+        if opened.split.outer.peft:  # the adapter wraps the whole model: restate its config for this component
+            config = component_config(config, layout, self.comp.prefix)
         pairing, tensors_from = None, CHECKPOINT
         if adapter is not None:
             infos = {rel: self.info(rel) for rel in self.keys}
-            pairing = pair_sources(self.keys, infos, adapter, layout.adapter_name)
+            folder_keys = component_adapter_keys(adapter.source.keys(), self.comp, self.opened.split.outer)
+            pairing = pair_sources(self.keys, infos, adapter, layout.adapter_name, folder_keys)
             if opts.lora_from != "checkpoint":
                 refuse_reshaped(pairing, str(adapter.weights_path), str(opened.inputs.checkpoint))
             if opts.lora_from == "adapter":
@@ -304,14 +398,16 @@ class _PartPlanner:
         )
 
     def _adapter(self, adapter_name: str) -> AdapterFolder | None:
+        """The run's adapter folder, opened once for every component it serves."""
         opened = self.opened
-        root = opened.inputs.adapter_root
-        folder = find_adapter_folder(root, adapter_name) if root else None
-        if folder is None:
-            return None
-        adapter = open_adapter_folder(folder, opened.sources.reader)
-        opened.sources.add(ADAPTER, adapter.source)
-        return adapter
+        if opened.adapter is None:
+            root = opened.inputs.adapter_root
+            folder = find_adapter_folder(root, adapter_name) if root else None
+            if folder is None:
+                return None
+            opened.adapter = open_adapter_folder(folder, opened.sources.reader)
+            opened.sources.add(ADAPTER, opened.adapter.source)
+        return opened.adapter
 
     def _merge_layers(self, lora: LoraPlan, layers: dict, plain: dict[str, str]) -> tuple[MergeLayer, ...]:
         """Each merged module's PEFT layer: its state (from the sources) and the plain parameters it produces."""
@@ -326,5 +422,7 @@ class _PartPlanner:
             path, names = layers[module]
             rel = {name: f"{path}.{name}" for name in names}
             outputs = tuple(inverse[r] for name, r in rel.items() if name.startswith("base_layer.") and r in inverse)
-            planned.append(MergeLayer(module, path, tuple((n, self.inputs[r]) for n, r in rel.items()), outputs))
+            inputs = tuple((n, self.inputs[r]) for n, r in rel.items())
+            dtypes = tuple(sorted({self.info(r).dtype for r in rel.values()}, key=str))
+            planned.append(MergeLayer(module, path, inputs, outputs, dtypes))
         return tuple(planned)

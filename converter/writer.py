@@ -125,8 +125,8 @@ def write_weights(folder: Path, tensors: Mapping[str, torch.Tensor], max_shard_s
 
 
 def write_config(part: PartPlan, folder: Path, tied: bool) -> list[str]:
-    """The part's config.json (``tie_word_embeddings`` false when a configured tie is not kept) and the support
-    files its base has (generation config, tokenizer, processor); returns the names of the files copied."""
+    """The part's config.json (``tie_word_embeddings`` false when a configured tie is not kept), the support files
+    its base has (generation config, processor) and its tokenizer's files; returns the names of the files copied."""
     if part.config is None:
         return []
     config = copy.deepcopy(part.config)
@@ -136,7 +136,10 @@ def write_config(part: PartPlan, folder: Path, tied: bool) -> list[str]:
     config.save_pretrained(folder)
     for name in part.support_files:
         shutil.copyfile(part.base.path / name, folder / name)
-    return list(part.support_files)
+    tokenizer = part.tokenizer.files if part.tokenizer is not None else ()
+    for name in tokenizer:
+        shutil.copyfile(part.tokenizer.path / name, folder / name)
+    return [*part.support_files, *tokenizer]
 
 
 def file_records(root: Path, known: dict[str, str] | None = None) -> list[dict[str, object]]:

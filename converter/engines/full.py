@@ -63,9 +63,9 @@ class FullEngine(Engine):
                 params[rel].copy_(self.sources.read(ref))
         del params
         reference = probe = None
-        if verify:
-            probe = checks.probe_input_ids(part.config.get_text_config().vocab_size)
-            reference = checks.causal_lm_logits(model, probe)
+        if verify and (found := checks.probe_inputs(part.auto_class, part.config)) is not None:
+            probe = found
+            reference = checks.model_outputs(model.get_base_model(), probe[0])
         state = dict(merge_and_unload(model, self.progress).state_dict())
         planned = {t.name for t in part.candidates}
         extra, missing = sorted(set(state) - planned), sorted(planned - set(state))
@@ -84,8 +84,8 @@ class FullEngine(Engine):
 class FullWritten(Written):
     sources: Sources
     device: torch.device
-    reference: torch.Tensor | None  # the unmerged model's logits on ``probe``
-    probe: torch.Tensor | None
+    reference: torch.Tensor | None  # the unmerged model's outputs on ``probe``
+    probe: tuple[dict[str, torch.Tensor], str] | None  # the inputs, and what the output is ("logit", ...)
 
     def verify(self, folder: Path) -> dict[str, Any]:
         part = self.part
@@ -103,7 +103,8 @@ class FullWritten(Written):
         if part.auto_class is not None:
             result["merged_tensors"] = len(written) - result["exact_tensors"]
         if self.reference is not None:
-            exported = checks.causal_lm_logits(model, self.probe)
-            result.update(checks.compare_logits(self.reference, exported, part.dtype or torch.float32, str(folder)))
-            result["probe"] = list(self.probe.shape)
+            inputs, what = self.probe
+            exported = checks.model_outputs(model, inputs)
+            result.update(checks.compare_outputs(self.reference, exported, part.check_dtype, str(folder), what))
+            result["probe"] = {name: list(t.shape) for name, t in inputs.items()}
         return result

@@ -31,7 +31,7 @@ from ..errors import ConvertError
 from ..merge import build_peft_model, merge_layer
 from ..names import SAFETENSORS_METADATA, SHARD_PATTERN, WEIGHTS, WEIGHTS_INDEX
 from ..plan import MergeLayer, OutTensor, PartPlan
-from ..policy import cast_checked, tolerance
+from ..policy import cast_checked, settled_tie, tolerance
 from ..sources import Sources, TensorRef
 from ..sources.safetensors import SafetensorsSource
 from .base import Engine, Written
@@ -73,10 +73,11 @@ class StreamingEngine(Engine):
     name = "streaming"
 
     def write(self, part: PartPlan, folder: Path, verify: bool) -> StreamingWritten:
-        if part.tie is not None and not part.tie.settled:
-            raise ConvertError(f"{part.name}: LoRA on tied embeddings needs --engine full")
         _return_freed_memory_to_the_os()
-        return _PartWriter(self, part, verify).write(folder)
+        writer = _PartWriter(self, part, verify)
+        if part.tie is not None and not part.tie.settled:
+            writer.settle_tie()
+        return writer.write(folder)
 
 
 @dataclasses.dataclass
@@ -104,7 +105,7 @@ class StreamingWritten(Written):
         result["exact_tensors"] = exact
         if part.auto_class is not None:
             worst = max(self.layer_checks, default=0.0)
-            tol = tolerance(part.dtype)
+            tol = tolerance(part.check_dtype)
             if not worst <= tol:
                 raise ConvertError(
                     f"{folder}: a merged layer's output differs from the unmerged layer's by {worst:.3g} (relative; "
@@ -173,8 +174,35 @@ class _PartWriter:
         into the base weight in place. Runs on the read thread."""
         return {name: self.sources.read(ref, writable=True, pooled=True) for name, ref in layer.inputs}
 
-    def _merge(self, layer: MergeLayer, inputs: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype]) -> None:
-        """Materialise one layer in float32 on the device, merge it with PEFT, keep its base parameters."""
+    def settle_tie(self) -> None:
+        """LoRA changes lm_head or the embeddings of a tied base: merge both first (they are written later from
+        memory) and tie them only if the merged values are equal, as the full engine does."""
+        part = self.part
+        tie = part.tie
+        tensors = {t.name: t for t in part.candidates}
+        dtypes = {t.name: t.dtype for t in part.candidates}
+        values: dict[str, torch.Tensor] = {}
+        for key in (tie.head, tie.embed):
+            tensor = tensors[key]
+            if tensor.merged_from is None:
+                values[key] = self.sources.read(tensor.source).float()
+            elif key not in values:
+                layer = self.layers[tensor.merged_from]
+                self._merge(layer, self._layer_sources(layer), dtypes, keep=values)
+        tie = settled_tie(tie, torch.equal(values[tie.head], values[tie.embed]), "after the merge")
+        self.part = dataclasses.replace(part, tie=tie)
+        if tie.tied:
+            self._merged.pop(tie.head, None)
+
+    def _merge(
+        self,
+        layer: MergeLayer,
+        inputs: dict[str, torch.Tensor],
+        dtypes: dict[str, torch.dtype],
+        keep: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Materialise one layer in float32 on the device, merge it with PEFT, keep its base parameters (and, into
+        ``keep``, their float32 values before the cast)."""
         module = self.peft.get_submodule(layer.path)
         state = {name: t.to(self.device, torch.float32, non_blocking=True) for name, t in inputs.items()}
         module.load_state_dict(state, assign=True, strict=True)
@@ -188,6 +216,8 @@ class _PartWriter:
             written = set()  # storages that go to the writer, which releases them once written
             for pname, param in base.named_parameters(recurse=False):
                 key = f"{layer.module}.{pname}"
+                if keep is not None:
+                    keep[key] = param.detach().to("cpu", copy=True)
                 cast = cast_checked(key, param.detach(), dtypes[key], where)
                 self._merged[key] = cast
                 written.add(cast.untyped_storage().data_ptr())
@@ -254,7 +284,7 @@ class _PartWriter:
     def _sources(self, order: list[OutTensor]) -> Iterator[tuple[str, Any, bool]]:
         """What the writer consumes, in its order (runs on the read thread): ``(module, layer sources, True)`` once
         per merged layer, before its first parameter; ``(name, rows, last)`` for the pieces of a copied tensor."""
-        merged: set[str] = set()
+        merged = {t.merged_from for t in order if t.name in self._merged}  # merged already (a tie settled)
         for tensor in order:
             module = tensor.merged_from
             if module is not None:
