@@ -16,7 +16,15 @@ from .checks import settle
 from .discover import find_inputs
 from .errors import ConvertError
 from .hashing import path_bytes
-from .keymap import MERGED, SUPERSEDED, ComponentKeys, classify_adapter_keys, component_keys, is_saved_copy
+from .keymap import (
+    MERGED,
+    SUPERSEDED,
+    ComponentKeys,
+    classify_adapter_keys,
+    component_adapter_keys,
+    component_keys,
+    is_saved_copy,
+)
 from .layout import Component
 from .lora import SourceComparison, compare_sources, lora_config_from, pair_sources
 from .options import ConvertOptions
@@ -48,7 +56,8 @@ def _report(path: Path, opened: Opened, opts: ConvertOptions) -> dict[str, Any]:
     peft: list[dict[str, Any]] = []
     expected: set[str] = set()  # what the plain (un-PEFT'd) model's state_dict holds
     reasons: list[dict[str, Any]] = []
-    adapter_section: dict[str, Any] | None = {"path": None, "keys": 0, "matches_checkpoint": None}
+    adapter: AdapterFolder | None = None
+    comparisons: dict[str, SourceComparison | None] = {}
     for comp in opened.layout.components:
         keys = split.keys[comp.name]
         prefix = split.outer.prefix + comp.prefix
@@ -60,17 +69,25 @@ def _report(path: Path, opened: Opened, opts: ConvertOptions) -> dict[str, Any]:
         except ConvertError as exc:
             warnings.append(str(exc))
             continue
-        expected.update(prefix + k for k in analysis.plain)
-        if analysis.peft is None or comp.kind != "hf_causal_lm":
+        expected.update(split.outer.plain_prefix + comp.prefix + k for k in analysis.plain)
+        if analysis.peft is None:
             continue
         reasons.extend(_plain_load_reasons(comp, analysis))
+        if comp.kind == "state_dict":  # modules_to_save only: no LoRA to merge, its copies show in the accounting
+            continue
         part = next((p for p in plan.parts if p.name == comp.name), None) if plan else None
-        adapter = _adapter(opened, analysis, warnings)
+        adapter = adapter or _adapter(opened, analysis, warnings)
         peft.append(_peft_section(comp, prefix, analysis, adapter, part, opened, warnings))
         if adapter is not None:
-            comparison = part.lora.comparison if part is not None else _compare(opened, analysis, adapter)
-            adapter_section = _adapter_section(adapter, comparison, warnings)
-    if inputs.adapter_root is not None and adapter_section.get("path") is None:
+            comparisons[comp.name] = (
+                part.lora.comparison
+                if part is not None and part.lora is not None
+                else _compare(opened, comp, analysis, adapter)
+            )
+    adapter_section: dict[str, Any] | None = {"path": None, "keys": 0, "matches_checkpoint": None}
+    if adapter is not None:
+        adapter_section = _adapter_section(adapter, comparisons, warnings)
+    elif inputs.adapter_root is not None:
         adapter_section = None
 
     present = set(opened.checkpoint.source.keys())
@@ -101,6 +118,7 @@ def _report(path: Path, opened: Opened, opts: ConvertOptions) -> dict[str, Any]:
             "reasons": reasons,
         },
         "adapter_folder": adapter_section,
+        "vocabulary": _vocabulary(plan) if plan is not None else [],
         "plan": [p.summary() for p in plan.parts] if plan is not None else None,
         "warnings": warnings,
     }
@@ -184,22 +202,24 @@ def _adapter(opened: Opened, analysis: ComponentKeys, warnings: list[str]) -> Ad
         return None
 
 
-def _compare(opened: Opened, analysis: ComponentKeys, adapter: AdapterFolder) -> SourceComparison:
+def _compare(opened: Opened, comp: Component, analysis: ComponentKeys, adapter: AdapterFolder) -> SourceComparison:
     """The comparison ``settle`` makes, for a run that cannot be planned."""
     from .names import ADAPTER
 
     if ADAPTER not in opened.sources:
         opened.sources.add(ADAPTER, adapter.source)
     infos = {rel: opened.checkpoint.source.info(src) for rel, src in analysis.keys.items()}
-    pairing = pair_sources(analysis.keys, infos, adapter, analysis.peft.adapter_name)
+    folder_keys = component_adapter_keys(adapter.source.keys(), comp, opened.split.outer)
+    pairing = pair_sources(analysis.keys, infos, adapter, analysis.peft.adapter_name, folder_keys)
     return compare_sources(pairing, analysis.keys, opened.sources)
 
 
 def _adapter_section(
-    adapter: AdapterFolder, comparison: SourceComparison | None, warnings: list[str]
+    adapter: AdapterFolder, comparisons: dict[str, SourceComparison | None], warnings: list[str]
 ) -> dict[str, Any]:
     keys = adapter.source.keys()
     classified = classify_adapter_keys(keys)
+    found = [c for c in comparisons.values() if c is not None]
     section = {
         "path": str(adapter.path),
         "weights": adapter.weights_path.name,
@@ -208,17 +228,22 @@ def _adapter_section(
         "modules_to_save": classified.saved_names,
         "trainable_token_modules": list(classified.token_modules),
         "base_layers_saved": list(classified.base_layers),
-        "matches_checkpoint": comparison.equal if comparison else None,
-        "max_abs_diff": comparison.max_abs_diff if comparison and not comparison.equal else 0.0,
-        "comparison": comparison.as_dict() if comparison else None,
+        "matches_checkpoint": all(c.equal for c in found) if found else None,
+        "max_abs_diff": max((c.max_abs_diff for c in found if not c.equal), default=0.0),
+        "comparison": (
+            found[0].as_dict()
+            if len(comparisons) == 1 and found
+            else {n: c.as_dict() for n, c in comparisons.items() if c}
+        ),
     }
-    if comparison is not None and not comparison.equal:
-        unpaired = len(comparison.only_checkpoint) + len(comparison.only_adapter)
-        warnings.append(
-            f"the adapter folder {adapter.weights_path} differs from the checkpoint ({len(comparison.differing)} "
-            f"tensors differ, max abs diff {comparison.max_abs_diff:.3g}; {unpaired} keys in one only): it was "
-            "probably saved at another step; convert needs --lora-from"
-        )
+    for comparison in found:
+        if not comparison.equal:
+            unpaired = len(comparison.only_checkpoint) + len(comparison.only_adapter)
+            warnings.append(
+                f"the adapter folder {adapter.weights_path} differs from the checkpoint ({len(comparison.differing)} "
+                f"tensors differ, max abs diff {comparison.max_abs_diff:.3g}; {unpaired} keys in one only): it was "
+                "probably saved at another step; convert needs --lora-from"
+            )
     return section
 
 
@@ -253,6 +278,25 @@ def _peft_section(comp, prefix, analysis, adapter, part, opened, warnings) -> di
         alpha_pattern=dict(cfg.alpha_pattern or {}),
     )
     return section
+
+
+def _vocabulary(plan: Plan) -> list[dict[str, Any]]:
+    """Each language model's tokenizer and embeddings: where the tokenizer comes from, the tokens added in
+    training, padding rows; and the PEFT features that touch the vocabulary."""
+    found = []
+    for part in plan.parts:
+        if part.tokenizer is None:
+            continue
+        entry = {"component": part.name, **part.tokenizer.record()}
+        if part.lora is not None:
+            layout = part.lora.layout
+            head, embed = (part.tie.head, part.tie.embed) if part.tie is not None else (None, None)
+            entry["embedding_lora"] = sorted(m for m in layout.lora_modules if f"{m}.weight" in (head, embed))
+            entry["trainable_token_modules"] = list(layout.token_modules)
+            indices = getattr(part.lora.config, "trainable_token_indices", None)
+            entry["trainable_token_indices"] = dict(indices) if isinstance(indices, dict) else indices
+        found.append(entry)
+    return found
 
 
 def _plan_warnings(plan: Plan) -> list[str]:
@@ -355,6 +399,22 @@ def render(report: dict[str, Any]) -> str:
                 ("matches ckpt", match),
             ]
         )
+    for v in report.get("vocabulary", []):
+        lines += ["", f"vocabulary: {v['component']}"]
+        added = ", ".join(f"{t} ({i})" for t, i in v["added_tokens"].items()) or "none"
+        rows = [
+            ("tokenizer", f"{v['found_by']}: {v['tokens']} tokens"),
+            ("added", added),
+            ("embeddings", f"{v['embedding_rows']} rows (base vocab_size {v['base_vocab_size']})"),
+            ("padding rows", f"{v['padding_rows']} (rows beyond the tokenizer: normal with pad_to_multiple_of)"),
+        ]
+        if v.get("embedding_lora"):
+            rows.append(("embedding LoRA", ", ".join(v["embedding_lora"])))
+        if v.get("trainable_token_modules"):
+            rows.append(
+                ("trainable tokens", f"{', '.join(v['trainable_token_modules'])}: {v['trainable_token_indices']}")
+            )
+        lines += _rows(rows)
     lines += ["", "plan (convert --dry-run)"]
     if report["plan"] is None:
         lines.append("  unavailable (see warnings)")

@@ -45,6 +45,7 @@ class Tokenizer:
     added: dict[str, int]  # tokens added beyond the base's vocabulary -> id
     rows: int | None  # the embeddings' rows as written
     padding_rows: int
+    base_vocab: int | None = None  # the base config's vocab_size
 
     def record(self) -> dict[str, Any]:
         return {
@@ -52,6 +53,7 @@ class Tokenizer:
             "tokens": self.size,
             "added_tokens": self.added,
             "embedding_rows": self.rows,
+            "base_vocab_size": self.base_vocab,
             "padding_rows": self.padding_rows,
         }
 
@@ -115,4 +117,4 @@ def check_tokenizer(folder: Path, found_by: str, rows: int | None, base_vocab: i
             )
     files = tuple(n for n in TOKENIZER_FILES if (folder / n).is_file())
     padding = (rows - size) if rows is not None else 0
-    return Tokenizer(folder, found_by, files, size, added, rows, padding)
+    return Tokenizer(folder, found_by, files, size, added, rows, padding, base_vocab)

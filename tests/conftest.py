@@ -79,22 +79,41 @@ def pano_export(pano_run, tmp_path_factory):
     return out, run_convert(pano_run, out, engine="full", verify=True)
 
 
+BACKGROUND = ("distributed_runs", "variant_runs")  # fixtures trained by other processes while tests run
+
+
+def _needs(item, fixture: str) -> bool:
+    return fixture in getattr(item, "fixturenames", ())
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """Tests of multi-GPU runs last: their runs are trained in the background while the others run."""
-    items.sort(key=lambda item: "distributed_runs" in getattr(item, "fixturenames", ()))
+    """Tests of runs trained in the background go last, so that the other tests run meanwhile."""
+    items.sort(key=lambda item: tuple(_needs(item, f) for f in reversed(BACKGROUND)))
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _distributed_building(request, tmp_path_factory, bases):
-    """Start training the multi-GPU runs (two CPU ranks) at the first test, if any selected test needs them."""
-    if not any("distributed_runs" in getattr(item, "fixturenames", ()) for item in request.session.items):
-        return None
-    from distributed import Building
+def _background(request, tmp_path_factory, bases):
+    """At the first test, start training the runs in the background that any selected test needs."""
+    wanted = {f for f in BACKGROUND if any(_needs(item, f) for item in request.session.items)}
+    started = {}
+    if "distributed_runs" in wanted:
+        import distributed
 
-    return Building(tmp_path_factory.mktemp("distributed"), bases)
+        started["distributed_runs"] = distributed.Building(tmp_path_factory.mktemp("distributed"), bases)
+    if "variant_runs" in wanted:
+        import variants
+
+        started["variant_runs"] = variants.Building(tmp_path_factory.mktemp("variants"))
+    return started
 
 
 @pytest.fixture(scope="session")
-def distributed_runs(_distributed_building) -> dict[str, Path]:
+def distributed_runs(_background) -> dict[str, Path]:
     """Runs of multi-GPU training, made by two CPU ranks: DeepSpeed ZeRO-1/2/3 and FSDP2 (tests/distributed.py)."""
-    return _distributed_building.wait()
+    return _background["distributed_runs"].wait()
+
+
+@pytest.fixture(scope="session")
+def variant_runs(_background) -> dict[str, Path]:
+    """PEFT runs made the ways real VLM projects make them (tests/variants.py)."""
+    return _background["variant_runs"].wait()

@@ -38,6 +38,7 @@ class Variant:
     precision: str = "32-true"
     hidden: int = 32  # the LM's hidden size (bitsandbytes' 4-bit blocks need in_features >= 64 on the CPU)
     lr: float = 5e-3
+    optimizer: str = "adamw"  # "sgd": AdamW's eps of 1e-8 is 0 in float16, which turns its update into NaN
     steps: int = 3
 
 
@@ -110,7 +111,8 @@ class VLM(nn.Module):
             patch = self.vision_encoder.config.patch_size
             b, c, h, w = pixel_values.shape
             patches = pixel_values.unfold(2, patch, patch).unfold(3, patch, patch)  # b c gh gw p p
-            patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(b, (h // patch) * (w // patch), c * patch * patch)
+            grid = (h // patch) * (w // patch)
+            patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(b, grid, c * patch * patch)
             mask = torch.ones(patches.shape[:2], dtype=torch.long)
             shapes = torch.tensor([[h // patch, w // patch]] * b)
             return self.vision_encoder(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=shapes)[0]
@@ -127,7 +129,9 @@ def _lightning_class():
     import lightning
 
     class VariantModule(lightning.LightningModule):
-        def __init__(self, vision_name: str, language_model_name: str, variant: dict, tokenizer_name: str | None = None):
+        def __init__(
+            self, vision_name: str, language_model_name: str, variant: dict, tokenizer_name: str | None = None
+        ):
             super().__init__()
             self.save_hyperparameters()
             self.variant = Variant(**{**variant, "added_tokens": tuple(variant["added_tokens"])})
@@ -144,7 +148,10 @@ def _lightning_class():
             return nn.functional.cross_entropy(text.reshape(-1, text.shape[-1]), input_ids[:, 1:].reshape(-1))
 
         def configure_optimizers(self):
-            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.variant.lr)
+            params = [p for p in self.parameters() if p.requires_grad]
+            if self.variant.optimizer == "sgd":
+                return torch.optim.SGD(params, lr=self.variant.lr)
+            return torch.optim.AdamW(params, lr=self.variant.lr)
 
     return VariantModule
 
@@ -179,7 +186,9 @@ def _build(variant: Variant, vision_name: str, lm_name: str, tokenizer_name: str
         pattern = rf".*language_model\..*\.({names})"
         if variant.vision_lora:
             pattern = rf"({pattern}|.*vision_encoder\..*\.(q_proj|v_proj))"
-        config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=pattern, modules_to_save=saved, **extra)
+        config = LoraConfig(
+            r=8, lora_alpha=16, lora_dropout=0.0, target_modules=pattern, modules_to_save=saved, **extra
+        )
         return get_peft_model(model, config)
     config = LoraConfig(
         r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets, modules_to_save=saved, task_type="CAUSAL_LM",
@@ -228,7 +237,70 @@ def build_variant_run(root: Path, variant: Variant) -> Path:
     probe = torch.Generator().manual_seed(7)
     pixels = torch.randn(2, 3, size, size, generator=probe)
     ids = torch.randint(0, vocab, (2, 9), generator=probe)
+    # In eval mode bitsandbytes' CPU kernel repacks 4-bit weights and computes in bf16; the run trained on weights
+    # dequantized to float32, so a QLoRA run's logits are taken that way (every dropout here is 0).
+    module.train(variant.qlora)
     with torch.no_grad():
-        logits = module.eval().model(pixels.to(next(module.parameters()).dtype), ids).float()
+        logits = module.model(pixels.to(next(module.parameters()).dtype), ids).float()
     torch.save({"pixel_values": pixels, "input_ids": ids, "logits": logits}, run / "trained_logits.pt")
     return run
+
+
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant("added-tokens", added_tokens=ADDED),
+        Variant("tokenizer-folder", added_tokens=ADDED, tokenizer_in="run"),
+        Variant("embedding-lora", targets=("q_proj", "v_proj", "embed_tokens", "lm_head"), modules_to_save=None),
+        Variant(
+            "embedding-lora-untied", tie=False, targets=("q_proj", "v_proj", "embed_tokens", "lm_head"),
+            modules_to_save=None,
+        ),
+        Variant("trainable-tokens", added_tokens=ADDED, trainable_tokens=True, modules_to_save=None),
+        Variant(
+            "trainable-tokens-untied", tie=False, added_tokens=ADDED, trainable_tokens=True, modules_to_save=None
+        ),
+        Variant("whole-vlm", scope="vlm", modules_to_save=("projector",), vision_lora=True),
+        Variant("qlora", qlora=True, tie=False, hidden=64),
+        Variant("bf16-true", precision="bf16-true"),
+        Variant("fp16-true", precision="16-true", optimizer="sgd", lr=0.5),
+        Variant("llama-clip", lm="llama", tie=False, vision="clip"),
+        Variant("mistral", lm="mistral", tie=False),
+        Variant("qwen2-siglip2", lm="qwen2", vision="siglip2"),
+        Variant("gemma-siglip2", lm="gemma", vision="siglip2"),
+    )
+}  # fmt: skip
+
+
+def _build_all(root: str) -> None:
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "bitsandbytes"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    for variant in VARIANTS.values():
+        build_variant_run(Path(root), variant)
+
+
+class Building:
+    """One spawned process training every variant in the background; ``wait`` for the runs."""
+
+    def __init__(self, root: Path) -> None:
+        import multiprocessing
+
+        self.root = Path(root)
+        self._process = multiprocessing.get_context("spawn").Process(target=_build_all, args=(str(root),))
+        self._process.start()
+
+    def wait(self) -> dict[str, Path]:
+        self._process.join()
+        if self._process.exitcode != 0:
+            raise RuntimeError(f"building the PEFT variant runs failed (exit code {self._process.exitcode})")
+        return {name: self.root / "runs" / name for name in VARIANTS}
