@@ -99,10 +99,10 @@ def build(shape: str, cache: Path, accelerator: str, dtype: str) -> Path:
     )
     if shape in ZERO3:
         sys.path.insert(0, str(REPO / "tests"))
-        from distributed import Building, DistSpec
+        from distributed import DistSpec, train
 
         # LoRA only: with trainable embedding copies, two ranks' AdamW states outgrow 24 GB.
-        Building(root, bases, specs=(DistSpec(shape, "deepspeed", stage=3, modules_to_save=None),)).wait()
+        train(root, bases, specs=(DistSpec(shape, "deepspeed", stage=3, modules_to_save=None),))
     else:
         build_run(root, spec, bases=bases)
     print(f"built {shape} in {time.perf_counter() - started:.0f} s", flush=True)

@@ -93,7 +93,24 @@ def describe_model(
         if found is not None:
             layers[module] = (found[0], tuple(found[1].state_dict()))
     shapes = {k: tuple(t.shape) for k, t in peft.state_dict().items()}
+    _keep_meta(_meta_key(auto_class, hf_config, lora_config, adapter_name), peft)
     return ModelShape(plain, embed, head, shapes, layers, resized)
+
+
+# The meta-device PEFT model ``describe_model`` built while planning, kept for the streaming engine, which needs
+# exactly that model (wrapping a model of hundreds of layers takes PEFT a noticeable part of a second). Taken once.
+_META: dict[str, nn.Module] = {}
+_META_KEEP = 4
+
+
+def _meta_key(auto_class: str, hf_config: Any, lora_config: Any, adapter_name: str) -> str:
+    return "\n".join((auto_class, hf_config.to_json_string(), repr(lora_config), adapter_name))
+
+
+def _keep_meta(key: str, model: nn.Module) -> None:
+    _META[key] = model.eval()
+    while len(_META) > _META_KEEP:
+        _META.pop(next(iter(_META)))
 
 
 def _layer(peft: nn.Module, module: str) -> tuple[str, nn.Module] | None:
@@ -117,6 +134,10 @@ def build_peft_model(
     from peft import PeftModel
     from transformers.initialization import no_init_weights
 
+    if str(device) == "meta":
+        kept = _META.pop(_meta_key(auto_class, hf_config, lora_config, adapter_name), None)
+        if kept is not None:
+            return kept
     hf_config = copy.deepcopy(hf_config)  # merge_and_unload edits the model's config (tie_word_embeddings)
     with _library_warnings_to_log(), torch.device(device), no_init_weights():
         base = getattr(transformers, auto_class).from_config(hf_config, dtype=torch.float32)

@@ -94,26 +94,22 @@ def pytest_collection_modifyitems(session, config, items):
 @pytest.fixture(scope="session", autouse=True)
 def _background(request, tmp_path_factory, bases):
     """At the first test, start training the runs in the background that any selected test needs."""
-    wanted = {f for f in BACKGROUND if any(_needs(item, f) for item in request.session.items)}
-    started = {}
-    if "distributed_runs" in wanted:
-        import distributed
+    wanted = [f for f in BACKGROUND if any(_needs(item, f) for item in request.session.items)]
+    if not wanted:
+        return None
+    from background import Background
 
-        started["distributed_runs"] = distributed.Building(tmp_path_factory.mktemp("distributed"), bases)
-    if "variant_runs" in wanted:
-        import variants
-
-        started["variant_runs"] = variants.Building(tmp_path_factory.mktemp("variants"))
-    return started
+    kinds = {"distributed_runs": "distributed", "variant_runs": "variants"}
+    return Background({kinds[f]: tmp_path_factory.mktemp(kinds[f]) for f in wanted}, bases)
 
 
 @pytest.fixture(scope="session")
 def distributed_runs(_background) -> dict[str, Path]:
     """Runs of multi-GPU training, made by two CPU ranks: DeepSpeed ZeRO-1/2/3 and FSDP2 (tests/distributed.py)."""
-    return _background["distributed_runs"].wait()
+    return _background.runs("distributed")
 
 
 @pytest.fixture(scope="session")
 def variant_runs(_background) -> dict[str, Path]:
     """PEFT runs made the ways real VLM projects make them (tests/variants.py)."""
-    return _background["variant_runs"].wait()
+    return _background.runs("variants")

@@ -1,7 +1,7 @@
 """Runs of multi-GPU training, made on CPU ranks: DeepSpeed ZeRO (driven the way Lightning's DeepSpeedStrategy
 drives it, which refuses CPU) and FSDP2 with torch.distributed.checkpoint in Lightning's sharded layout.
 
-One ``torch.multiprocessing`` spawn of two gloo ranks builds every run, so the libraries are imported once.
+Two gloo ranks (``worker``, spawned by tests/background.py) build every run, so the libraries are imported once.
 Every file is written by the library that owns the format: DeepSpeed's ``save_checkpoint``, torch's ``dcp.save``,
 Lightning's own checkpoint dict (``dump_checkpoint``) as DeepSpeed's client state and as ``meta.pt``, PEFT's
 ``save_pretrained`` for ``lora_weights/``.
@@ -47,36 +47,28 @@ FSDP_MODEL_PARALLEL = "fsdp-modelparallel"  # also written by the "fsdp" run, in
 FSDP_FULL = "fsdp-full"
 
 
-def _free_port() -> int:
+def run_folders(root: Path, specs: tuple[DistSpec, ...] | None = None) -> dict[str, Path]:
+    """name -> run folder (``ROOT/runs/NAME``) of what training ``specs`` (default: all) leaves."""
+    specs = specs if specs is not None else (*SPECS, ONE_RANK)
+    names = [spec.name for spec in specs]
+    if any(spec.kind == "fsdp" for spec in specs):
+        names += [FSDP_MODEL_PARALLEL, FSDP_FULL]
+    return {name: Path(root) / "runs" / name for name in names}
+
+
+def train(root: Path, bases: tuple[Path, Path], specs: tuple[DistSpec, ...]) -> dict[str, Path]:
+    """Train ``specs`` on two spawned CPU ranks and wait for them (the benchmark's entry point)."""
+    import torch.multiprocessing as mp
+
+    args = (WORLD, str(root), [str(b) for b in bases], free_port(), specs)
+    mp.start_processes(worker, args=args, nprocs=WORLD, join=True, start_method="spawn")
+    return run_folders(root, specs)
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class Building:
-    """Two ranks training ``specs`` (default: every run of ``SPECS``, then ``ONE_RANK``) in the background."""
-
-    def __init__(self, root: Path, bases: tuple[Path, Path], specs: tuple[DistSpec, ...] | None = None) -> None:
-        import torch.multiprocessing as mp
-
-        self.root = Path(root)
-        self.specs = specs if specs is not None else (*SPECS, ONE_RANK)
-        args = (WORLD, str(root), [str(b) for b in bases], _free_port(), self.specs)
-        self._context = mp.start_processes(_worker, args=args, nprocs=WORLD, join=False, start_method="spawn")
-
-    def wait(self) -> dict[str, Path]:
-        """name -> run folder (``ROOT/runs/NAME``), once every rank has finished (a rank's failure is raised)."""
-        while not self._context.join():
-            pass
-        names = [spec.name for spec in self.specs]
-        if any(spec.kind == "fsdp" for spec in self.specs):
-            names += [FSDP_MODEL_PARALLEL, FSDP_FULL]
-        return {name: self.root / "runs" / name for name in names}
-
-
-def build_distributed_runs(root: Path, bases: tuple[Path, Path]) -> dict[str, Path]:
-    """Train every run on two CPU ranks and wait for them."""
-    return Building(root, bases).wait()
 
 
 def _quiet() -> None:
@@ -91,11 +83,13 @@ def _quiet() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _worker(rank: int, world: int, root: str, bases: list[str], port: int, specs: tuple[DistSpec, ...]) -> None:
+def worker(rank: int, world: int, root: str, bases: list[str], port: int, specs: tuple[DistSpec, ...]) -> None:
+    """One rank's part in training ``specs`` (see tests/background.py)."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(1)  # two ranks and the test process share the machine's cores
     _quiet()
     import deepspeed
     import deepspeed.ops

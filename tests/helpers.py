@@ -120,19 +120,20 @@ def refused(capsys, run: Path, tmp_path: Path, *extra: str, command: str = "conv
     return lines[0]
 
 
-def assert_engines_agree(run: Path, tmp_path: Path, **options) -> None:
-    """The full and the streaming engine write the same tensors, configs and key accounting."""
-    full = run_convert(run, tmp_path / "full", engine="full", **options)
-    streaming = run_convert(run, tmp_path / "streaming", engine="streaming", **options)
-    assert_same_tensors(export_tensors(tmp_path / "streaming"), export_tensors(tmp_path / "full"))
-    configs = {}
-    for engine in ("full", "streaming"):
-        out = tmp_path / engine
-        configs[engine] = {
-            p.relative_to(out).as_posix(): json.loads(p.read_text())
-            for p in out.rglob("*.json")
-            if p.name != "manifest.json"
-        }
+def assert_engines_agree(run: Path, tmp_path: Path, full: Path | None = None, **options) -> None:
+    """The full and the streaming engine write the same tensors, configs and key accounting (``full``: an export
+    the full engine wrote already)."""
+    if full is None:
+        full = tmp_path / "full"
+        run_convert(run, full, engine="full", **options)
+    streaming = tmp_path / "streaming"
+    run_convert(run, streaming, engine="streaming", **options)
+    assert_same_tensors(export_tensors(streaming), export_tensors(full))
+    manifests, configs = {}, {}
+    for engine, out in (("full", full), ("streaming", streaming)):
+        manifests[engine] = json.loads((out / "manifest.json").read_text())
+        found = [p for p in out.rglob("*.json") if p.name != "manifest.json"]
+        configs[engine] = {p.relative_to(out).as_posix(): json.loads(p.read_text()) for p in found}
     assert configs["full"] == configs["streaming"]
-    assert full["keys"] == streaming["keys"]
-    assert (full["engine"], streaming["engine"]) == ("full", "streaming")
+    assert manifests["full"]["keys"] == manifests["streaming"]["keys"]
+    assert (manifests["full"]["engine"], manifests["streaming"]["engine"]) == ("full", "streaming")

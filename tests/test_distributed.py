@@ -35,7 +35,9 @@ def exports(distributed_runs, tmp_path_factory) -> dict:
 
 
 @pytest.mark.parametrize("name", RUNS)
-def test_converts_by_default_and_matches_the_trained_model(name, distributed_runs, exports, capsys):
+def test_converts_by_default_and_matches_the_trained_model(name, distributed_runs, exports, capsys, tmp_path):
+    """Converted with no options (the full engine, verification on): a clean load and the trained model's logits;
+    the streaming engine writes the same."""
     out = exports[name]
     code, stdout, stderr = cli(capsys, "convert", distributed_runs[name], "--out", out, "--quiet")
     assert code == 0, stderr
@@ -53,6 +55,7 @@ def test_converts_by_default_and_matches_the_trained_model(name, distributed_run
     assert manifest["source"]["checkpoint"]["path"] == "checkpoints/last.ckpt"
     assert manifest["source"]["checkpoint"]["global_step"] == 2
     assert manifest["verification"]["language_model"]["max_abs_logit_diff"] < 1e-4
+    assert_engines_agree(distributed_runs[name], tmp_path, full=out)
 
 
 def _consolidated(name, run, tmp_path):
@@ -84,11 +87,6 @@ def test_exports_equal_the_libraries_own_consolidation(name, distributed_runs, t
     run_convert(run, tmp_path / "folder")
     run_convert(_consolidated(name, run, tmp_path), tmp_path / "file")
     assert_same_tensors(export_tensors(tmp_path / "folder"), export_tensors(tmp_path / "file"))
-
-
-@pytest.mark.parametrize("name", ["zero2-bf16", "zero3-no-frozen", "fsdp"])
-def test_engines_write_identical_tensors(name, distributed_runs, tmp_path):
-    assert_engines_agree(distributed_runs[name], tmp_path)
 
 
 def test_zero1_frozen_parameters_come_from_the_module_states(distributed_runs, tmp_path):

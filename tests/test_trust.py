@@ -401,11 +401,17 @@ def test_force_keeps_the_old_export_when_the_new_one_fails(run_copy, tmp_path, c
 # --- integrity: ckpt2hf verify -----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def export(pano_run, tmp_path):
-    out = tmp_path / "export"
+@pytest.fixture(scope="module")
+def sharded_export(pano_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharded") / "export"
     run_convert(pano_run, out, max_shard_size="40KB")
     return out
+
+
+@pytest.fixture
+def export(sharded_export, tmp_path):
+    """A copy of a sharded export, to damage."""
+    return pathlib.Path(shutil.copytree(sharded_export, tmp_path / "export"))
 
 
 def _verify(capsys, out):
