@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import ConvertError
 from .keymap import PEFT_PREFIX, TOKEN_ADAPTER
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ def describe_model(
     adapter_name: str = "default",
     merged: tuple[str, ...] = (),
     embedding_rows: Callable[[str], int | None] | None = None,
+    where: str = "",
 ) -> ModelShape:
     """Build the model (and its PEFT wrapping) on the meta device and read its keys and shapes.
 
@@ -66,7 +68,15 @@ def describe_model(
     import transformers
     from peft import PeftModel
 
-    build = getattr(transformers, auto_class).from_config
+    def build(config: Any) -> nn.Module:
+        try:
+            return getattr(transformers, auto_class).from_config(config)
+        except (ValueError, KeyError) as exc:  # e.g. a vision config given to a causal LM component
+            raise ConvertError(
+                f"{where}: {auto_class} cannot build a model from the base config ({type(config).__name__}: "
+                f"{str(exc).splitlines()[0][:160]}); check the component's kind in the layout config, or pass --base"
+            ) from exc
+
     with _library_warnings_to_log(), torch.device("meta"):
         model = build(copy.deepcopy(hf_config))
         embed, head = _embedding_keys(model)
@@ -86,7 +96,16 @@ def describe_model(
         plain = {k: tuple(t.shape) for k, t in model.state_dict().items()}
         if lora_config is None:
             return ModelShape(plain, embed, head, None, {}, resized)
-        peft = PeftModel(model, copy.deepcopy(lora_config), adapter_name=adapter_name)
+        try:
+            peft = PeftModel(model, copy.deepcopy(lora_config), adapter_name=adapter_name)
+        except (ValueError, KeyError, TypeError) as exc:  # e.g. target modules that match nothing in this model
+            targets = lora_config.target_modules
+            targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
+            said = str(exc).split(". ")[0][:160]
+            raise ConvertError(
+                f"{where}: PEFT cannot apply the adapter's config to the base model (target_modules {targets}: "
+                f"{said}); the adapter_config.json belongs to another model: pass --adapter-dir with the run's own"
+            ) from exc
     layers = {}
     for module in merged:
         found = _layer(peft, module)

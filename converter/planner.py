@@ -212,6 +212,7 @@ class _PartPlanner:
             lora.adapter_name if lora else "default",
             lora.layout.merged_modules if lora else (),
             embedding_rows=lambda key: self.info(plain[key]).shape[0] if key in plain else None,
+            where=self.where,
         )
         from_base: tuple[str, ...] = ()
         if ckpt.frozen_excluded:

@@ -186,3 +186,16 @@ def test_inspect_explains_each(variant_runs):
     whole = inspect_run(variant_runs["whole-vlm"])
     assert [p["component"] for p in whole["peft"]] == ["vision_encoder", "language_model"]
     assert whole["warnings"] == [] or all("lm_head" in w for w in whole["warnings"])
+
+
+def test_an_adapter_config_whose_targets_match_nothing(variant_runs, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(variant_runs["llama-clip"], run)
+    config_path = run / "lora_weights" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["target_modules"] = ["query_key_value"]
+    config_path.write_text(json.dumps(config))
+    line = refused(capsys, run, tmp_path)
+    assert line.startswith(f"ckpt2hf: error: {run / 'checkpoints' / 'last.ckpt'} (language_model): PEFT cannot apply ")
+    assert "query_key_value" in line
+    assert line.endswith("the adapter_config.json belongs to another model: pass --adapter-dir with the run's own")
