@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConvertError
+from .hparams import lookup
 from .layout import Component
 from .names import CONFIG
 
@@ -36,18 +37,19 @@ def resolve_base(
         return BaseRef(path, f"--base {comp.name}")
     tried = []
     for hp in comp.base:
-        value = hparams.get(hp)
-        if not isinstance(value, str) or not value:
+        found = lookup(hparams, (hp,), f"the base of {comp.name}", f"--base {comp.name}=PATH", where)
+        if found is None or not isinstance(found[1], str) or not found[1]:
             continue
-        tried.append(f"{hp}={value!r}")
+        path, value = found
+        tried.append(f"{path}={value!r}")
         local = Path(value).expanduser()
         if not local.is_absolute() and not local.exists():
             local = run / value
         if (local / CONFIG).is_file():
-            return BaseRef(local, f"hyper_parameters.{hp}")
+            return BaseRef(local, f"hyper_parameters.{path}")
         cached = _hub_cache_snapshot(value)
         if cached is not None:
-            return BaseRef(cached, f"hyper_parameters.{hp} {HUB_CACHE}", hub_id=value)
+            return BaseRef(cached, f"hyper_parameters.{path} {HUB_CACHE}", hub_id=value)
     said = (
         f"hyper_parameters give {', '.join(tried)}, neither a local folder nor in the Hugging Face cache"
         if tried

@@ -110,6 +110,8 @@ def _setup_logging(quiet: bool, debug: bool) -> None:
     hf_logging.set_verbosity_error() if not debug else hf_logging.set_verbosity_warning()
     hf_logging.disable_progress_bar()
     logging.getLogger("huggingface_hub").setLevel(logging.DEBUG if debug else logging.WARNING)
+    # bitsandbytes, imported by PEFT where installed, warns about optional CPU kernels on import: not ours to fix.
+    logging.getLogger("bitsandbytes").setLevel(logging.DEBUG if debug else logging.ERROR)
     if not debug:
         warnings.filterwarnings("ignore")
 

@@ -16,6 +16,7 @@ from .checks import settle
 from .discover import find_inputs
 from .errors import ConvertError
 from .hashing import path_bytes
+from .hparams import abbreviated
 from .keymap import (
     MERGED,
     SUPERSEDED,
@@ -118,6 +119,10 @@ def _report(path: Path, opened: Opened, opts: ConvertOptions) -> dict[str, Any]:
             "reasons": reasons,
         },
         "adapter_folder": adapter_section,
+        "hyper_parameters": {
+            "values": abbreviated(opened.checkpoint.hparams),
+            "used": _hparams_used(plan) if plan is not None else {},
+        },
         "vocabulary": _vocabulary(plan) if plan is not None else [],
         "plan": [p.summary() for p in plan.parts] if plan is not None else None,
         "warnings": warnings,
@@ -280,6 +285,39 @@ def _peft_section(comp, prefix, analysis, adapter, part, opened, warnings) -> di
     return section
 
 
+def _hparams_used(plan: Plan) -> dict[str, str]:
+    """Which entries gave each base, the LoRA scaling and the tokenizer."""
+    used = {}
+    for part in plan.parts:
+        if part.base is not None:
+            used[f"{part.name} base"] = part.base.found_by
+        if part.lora is not None:
+            used[f"{part.name} LoRA r/alpha"] = part.lora.config_from
+        if part.tokenizer is not None:
+            used[f"{part.name} tokenizer"] = part.tokenizer.found_by
+    return used
+
+
+def _tree_lines(tree: Any, indent: str = "  ", limit: int = 40) -> list[str]:
+    lines: list[str] = []
+
+    def walk(node: Any, depth: int) -> None:
+        for key, value in node.items() if isinstance(node, dict) else enumerate(node):
+            if len(lines) >= limit:
+                return
+            pad = indent * (depth + 1)
+            if isinstance(value, list) and not any(isinstance(v, (dict, list)) for v in value):
+                lines.append(f"{pad}{key}: {value!r}")
+            elif isinstance(value, (dict, list)) and value:
+                lines.append(f"{pad}{key}:")
+                walk(value, depth + 1)
+            else:
+                lines.append(f"{pad}{key}: {value!r}" if isinstance(value, str) else f"{pad}{key}: {value}")
+
+    walk(tree, 0)
+    return lines + ([f"{indent}... (see --json)"] if len(lines) >= limit else [])
+
+
 def _vocabulary(plan: Plan) -> list[dict[str, Any]]:
     """Each language model's tokenizer and embeddings: where the tokenizer comes from, the tokens added in
     training, padding rows; and the PEFT features that touch the vocabulary."""
@@ -399,6 +437,11 @@ def render(report: dict[str, Any]) -> str:
                 ("matches ckpt", match),
             ]
         )
+    hp = report["hyper_parameters"]
+    lines += ["", "hyper-parameters (recovered as plain values, interpolations resolved)"]
+    lines += _tree_lines(hp["values"]) or ["  none"]
+    if hp["used"]:
+        lines += _rows([(what, source) for what, source in hp["used"].items()])
     for v in report.get("vocabulary", []):
         lines += ["", f"vocabulary: {v['component']}"]
         added = ", ".join(f"{t} ({i})" for t, i in v["added_tokens"].items()) or "none"

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .errors import ConvertError, preview
+from .hparams import lookup
 from .keymap import PeftLayout, adapter_key
 from .names import ADAPTER, ADAPTER_CONFIG, CHECKPOINT
 from .sources import AdapterFolder, Sources, TensorInfo, TensorRef
@@ -39,7 +40,7 @@ def lora_config_from(
             where = adapter.path / ADAPTER_CONFIG
             raise ConvertError(f"{where}: PEFT rejects it ({exc}); re-save the adapter") from exc
         cfg.inference_mode = True
-        h_r, h_alpha = hparams.get("lora_r"), hparams.get("lora_alpha")
+        h_r, h_alpha = (_hparam(hparams, name, where) for name in ("lora_r", "lora_alpha"))
         if (h_r is not None and h_r != cfg.r) or (h_alpha is not None and h_alpha != cfg.lora_alpha):
             log.warning(
                 "hyper_parameters say lora_r=%s lora_alpha=%s but %s says r=%s alpha=%s; using the adapter config",
@@ -50,7 +51,9 @@ def lora_config_from(
                 cfg.lora_alpha,
             )
         return cfg, ADAPTER_CONFIG
-    r, alpha = hparams.get("lora_r"), hparams.get("lora_alpha")
+    found = {name: lookup(hparams, (name,), name, "--adapter-dir with the run's adapter folder", where) for name in
+             ("lora_r", "lora_alpha", "use_rslora")}  # fmt: skip
+    r, alpha = (found[name][1] if found[name] else None for name in ("lora_r", "lora_alpha"))
     if not isinstance(r, int) or not isinstance(alpha, (int, float)):
         raise ConvertError(
             f"{where}: the LoRA scaling is unknown: no adapter_config.json (lora_weights/) and no lora_r/lora_alpha "
@@ -62,11 +65,12 @@ def lora_config_from(
         target_modules=layout.target_names,
         modules_to_save=layout.saved_names or None,
         use_dora=layout.use_dora,
-        use_rslora=bool(hparams.get("use_rslora", False)),
+        use_rslora=bool(found["use_rslora"][1]) if found["use_rslora"] else False,
         lora_dropout=0.0,
         inference_mode=True,
     )
-    return cfg, "hyper_parameters"
+    paths = ", ".join(found[name][0] for name in ("lora_r", "lora_alpha"))
+    return cfg, f"hyper_parameters ({paths})"
 
 
 def component_config(config: Any, layout: PeftLayout, prefix: str) -> Any:
@@ -90,6 +94,11 @@ def component_config(config: Any, layout: PeftLayout, prefix: str) -> Any:
     restated.rank_pattern, restated.alpha_pattern = ranks, alphas
     restated.layers_to_transform = restated.layers_pattern = restated.exclude_modules = None
     return restated
+
+
+def _hparam(hparams: Mapping[str, Any], name: str, where: str) -> Any:
+    found = lookup(hparams, (name,), name, "--adapter-dir with the run's adapter folder", where)
+    return found[1] if found else None
 
 
 @dataclasses.dataclass(frozen=True)

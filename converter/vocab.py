@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConvertError, preview
+from .hparams import lookup
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +81,12 @@ def find_tokenizer(
     if _has_tokenizer(run / "tokenizer"):
         return run / "tokenizer", "the run's tokenizer/ folder"
     for name in TOKENIZER_HPARAMS:
-        value = hparams.get(name)
-        if isinstance(value, str) and value:
-            local = Path(value).expanduser()
-            local = local if local.is_absolute() or local.exists() else run / value
+        found = lookup(hparams, (name,), "the tokenizer", "--tokenizer PATH")
+        if found is not None and isinstance(found[1], str) and found[1]:
+            local = Path(found[1]).expanduser()
+            local = local if local.is_absolute() or local.exists() else run / found[1]
             if _has_tokenizer(local):
-                return local, f"hyper_parameters.{name}"
+                return local, f"hyper_parameters.{found[0]}"
     return base, BASE
 
 

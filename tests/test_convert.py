@@ -11,7 +11,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from helpers import assert_same_tensors, export_logits, export_tensors, load_report, probe, run_convert, trained_logits
+from helpers import (
+    assert_engines_agree,
+    assert_same_tensors,
+    export_logits,
+    export_tensors,
+    load_report,
+    probe,
+    run_convert,
+    trained_logits,
+)
 from trainers import load_trained_module
 
 CLEAN = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
@@ -127,7 +136,7 @@ def test_safetensors_metadata_and_model_card(pano_export):
 
 def test_28_layer_layout_gives_exactly_311_plain_lm_keys(deep_run, tmp_path):
     out = tmp_path / "deep"
-    manifest = run_convert(deep_run, out)
+    manifest = run_convert(deep_run, out, engine="full")
     written = set(load_file(out / "language_model" / "model.safetensors"))
     assert len(written) == 311
     per_layer = {
@@ -149,6 +158,7 @@ def test_28_layer_layout_gives_exactly_311_plain_lm_keys(deep_run, tmp_path):
     assert manifest["adapter"]["lora_pairs"] == 196
     assert manifest["adapter"]["sources_compared"]["keys"] == 394
     assert load_report(out / "language_model")[1] == CLEAN
+    assert_engines_agree(deep_run, tmp_path, full=out)
 
 
 def test_named_adapter_and_another_attribute(named_adapter_run, tmp_path):
@@ -227,7 +237,7 @@ def test_lora_config_from_hyper_parameters_without_adapter_folder(pano_run, pano
     run = tmp_path / "no-adapter"
     shutil.copytree(pano_run, run, ignore=shutil.ignore_patterns("lora_weights"))
     manifest = run_convert(run, tmp_path / "out")
-    assert manifest["adapter"]["config_from"] == "hyper_parameters"
+    assert manifest["adapter"]["config_from"] == "hyper_parameters (lora_r, lora_alpha)"
     assert manifest["source"]["adapter_folder"] is None
     assert_same_tensors(export_tensors(tmp_path / "out"), export_tensors(pano_export[0]))
 

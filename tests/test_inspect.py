@@ -102,6 +102,7 @@ def test_cli_json_and_text(pano_run, capsys):
         "components",
         "plain load_state_dict(strict=False) into the un-PEFT'd model",
         "adapter folder",
+        "hyper-parameters (recovered as plain values, interpolations resolved)",
         "vocabulary: language_model",
         "plan (convert --dry-run)",
         "warnings",

@@ -46,7 +46,7 @@ def _export_logits(out, pixel_values, input_ids):
     return vlm.eval()(pixel_values, input_ids)
 
 
-@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("name", [n for n in VARIANTS if n != "hydra-env"])  # it asks for --base: test_hparams
 def test_converts_by_default_and_matches_the_trained_model(name, variant_runs, exports, capsys, tmp_path):
     """Converted with no options (the full engine, verification on): a clean load and the trained model's logits;
     the streaming engine writes the same."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ class Variant:
     qlora: bool = False  # the base LM loaded in 4-bit NF4 with double quantization
     precision: str = "32-true"
     hidden: int = 32  # the LM's hidden size (bitsandbytes' 4-bit blocks need in_features >= 64 on the CPU)
+    hparams: str = "dict"  # how save_hyperparameters saw them: dict | hydra | hydra-env | namespace | dataclass
     lr: float = 5e-3
     optimizer: str = "adamw"  # "sgd": AdamW's eps of 1e-8 is 0 in float16, which turns its update into NaN
     steps: int = 3
@@ -125,15 +127,29 @@ class VLM(nn.Module):
         return self.language_model(inputs_embeds=embeds).logits
 
 
-def _lightning_class():
+@dataclasses.dataclass
+class PanoSettings:
+    """A project's settings as a dataclass, saved whole by ``save_hyperparameters``. Unpickling it for real would
+    leave a marker file: ckpt2hf must read it without ever constructing it."""
+
+    vision_name: str
+    language_model_name: str
+    variant: dict
+    marker: str = ""
+
+    def __setstate__(self, state: dict) -> None:
+        if state.get("marker"):
+            Path(state["marker"]).touch()
+        self.__dict__.update(state)
+
+
+def _modules():
+    import functools
+
     import lightning
 
-    class VariantModule(lightning.LightningModule):
-        def __init__(
-            self, vision_name: str, language_model_name: str, variant: dict, tokenizer_name: str | None = None
-        ):
-            super().__init__()
-            self.save_hyperparameters()
+    class Base(lightning.LightningModule):
+        def _setup(self, variant: dict, vision_name: str, language_model_name: str, tokenizer_name: str | None):
             self.variant = Variant(**{**variant, "added_tokens": tuple(variant["added_tokens"])})
             self.model = _build(self.variant, vision_name, language_model_name, tokenizer_name)
 
@@ -153,7 +169,91 @@ def _lightning_class():
                 return torch.optim.SGD(params, lr=self.variant.lr)
             return torch.optim.AdamW(params, lr=self.variant.lr)
 
-    return VariantModule
+    class VariantModule(Base):
+        """Hyper-parameters as a plain dict of the init arguments."""
+
+        def __init__(
+            self, vision_name: str, language_model_name: str, variant: dict, tokenizer_name: str | None = None
+        ):
+            super().__init__()
+            self.save_hyperparameters()
+            self._setup(variant, vision_name, language_model_name, tokenizer_name)
+
+    class HydraModule(Base):
+        """The lightning-hydra-template way: an OmegaConf config and a partial optimizer, saved as they are."""
+
+        def __init__(self, cfg: Any, optimizer: functools.partial):
+            super().__init__()
+            self.save_hyperparameters(logger=False)
+            net = cfg.model.net
+            from omegaconf import OmegaConf
+
+            self._setup(OmegaConf.to_container(cfg.model.variant), net.vision_name, net.language_model_name, None)
+
+        def configure_optimizers(self):
+            return self.hparams.optimizer(params=[p for p in self.parameters() if p.requires_grad])
+
+    class NamespaceModule(Base):
+        """An argparse.Namespace passed whole."""
+
+        def __init__(self, args: Any):
+            super().__init__()
+            self.save_hyperparameters()
+            self._setup(args.variant, args.vision_name, args.language_model_name, None)
+
+    class DataclassModule(Base):
+        """A dataclass passed whole."""
+
+        def __init__(self, settings: PanoSettings):
+            super().__init__()
+            self.save_hyperparameters()
+            self._setup(settings.variant, settings.vision_name, settings.language_model_name, None)
+
+    return {"dict": VariantModule, "hydra": HydraModule, "namespace": NamespaceModule, "dataclass": DataclassModule}
+
+
+def _module(variant: Variant, vision_dir: Path, lm_dir: Path, tokenizer_dir: Path | None, root: Path):
+    """The LightningModule for ``variant``, with its hyper-parameters saved the way ``variant.hparams`` says."""
+    import argparse
+    import functools
+
+    modules = _modules()
+    fields = dataclasses.asdict(variant)
+    if variant.hparams == "dict":
+        return modules["dict"](str(vision_dir), str(lm_dir), fields, str(tokenizer_dir) if tokenizer_dir else None)
+    if variant.hparams == "namespace":
+        args = argparse.Namespace(vision_name=str(vision_dir), language_model_name=str(lm_dir), variant=fields)
+        return modules["namespace"](args)
+    if variant.hparams == "dataclass":
+        marker = str(root / "constructed")
+        return modules["dataclass"](PanoSettings(str(vision_dir), str(lm_dir), fields, marker))
+    from omegaconf import OmegaConf
+
+    bases = str(vision_dir.parent)
+    if variant.hparams == "hydra-env":  # the bases named through an environment variable, and an ambiguous name
+        os.environ["PANO_BASES"], bases = bases, "${oc.env:PANO_BASES}"
+    cfg = OmegaConf.create(
+        {
+            "paths": {"bases": bases, "output_dir": "${oc.env:HOME}/outputs"},  # a resolver nothing needs
+            "model": {
+                "_target_": "variants.HydraModule",
+                "base_dir": "${paths.bases}",
+                "net": {  # relative interpolations: ".." is the enclosing group, "." this one
+                    "vision_name": "${..base_dir}/vision_encoder",
+                    "language_model_name": "${.vision_name}/../language_model",
+                },
+                "lora": {"rank": 8, "lora_r": "${.rank}", "lora_alpha": 16},  # as _build's LoraConfig
+                "variant": {**fields, "added_tokens": list(fields["added_tokens"]), "targets": list(variant.targets)},
+            },
+            "trainer": {"max_steps": variant.steps, "default_root_dir": "${paths.output_dir}"},
+            "tags": ["pano", "${model.variant.name}"],
+        }
+    )
+    if variant.hparams == "hydra-env":
+        cfg.model.net.language_model_name = str(lm_dir)
+        cfg.evaluation = {"language_model_name": "someorg/other-base"}
+    optimizer = functools.partial(torch.optim.AdamW, lr=variant.lr)
+    return modules["hydra"](cfg, optimizer)
 
 
 def _build(variant: Variant, vision_name: str, lm_name: str, tokenizer_name: str | None) -> nn.Module:
@@ -213,9 +313,7 @@ def build_variant_run(root: Path, variant: Variant) -> Path:
         tokenizer_dir = run / ("lora_weights" if variant.tokenizer_in == "adapter" else "tokenizer")
         tokenizer.save_pretrained(tokenizer_dir)
     lightning.seed_everything(0, verbose=False)
-    module = _lightning_class()(
-        str(vision_dir), str(lm_dir), dataclasses.asdict(variant), str(tokenizer_dir) if tokenizer_dir else None
-    )
+    module = _module(variant, vision_dir, lm_dir, tokenizer_dir, root)
     vocab = 96 + len(variant.added_tokens)
     size = json.loads((vision_dir / "config.json").read_text()).get("image_size", 16)
     generator = torch.Generator().manual_seed(1)
@@ -265,6 +363,10 @@ VARIANTS = {
         Variant("mistral", lm="mistral", tie=False),
         Variant("qwen2-siglip2", lm="qwen2", vision="siglip2"),
         Variant("gemma-siglip2", lm="gemma", vision="siglip2"),
+        Variant("hydra", hparams="hydra", modules_to_save=None),
+        Variant("hydra-env", hparams="hydra-env", modules_to_save=None),
+        Variant("namespace", hparams="namespace", modules_to_save=None),
+        Variant("dataclass", hparams="dataclass", modules_to_save=None),
     )
 }  # fmt: skip
 

@@ -17,7 +17,6 @@ import torch
 
 from ..discover import checkpoint_kind
 from ..errors import ConvertError
-from . import unpickle
 from .base import TensorSource
 from .pread import SpanReader
 from .safetensors import SafetensorsSource
@@ -64,10 +63,12 @@ def storage_bytes(obj: Any) -> int:
 
 
 def _hparams(obj: Mapping[str, Any]) -> dict[str, Any]:
-    hparams = obj.get("hyper_parameters") or {}
-    if isinstance(hparams, unpickle.Placeholder):  # e.g. an AttributeDict or Namespace of an unknown class
-        hparams = hparams.mapping() or {}
-    return dict(hparams) if isinstance(hparams, Mapping) else {}
+    """The hyper-parameters as plain data (OmegaConf, Namespace, dataclasses read from their placeholders),
+    OmegaConf interpolations resolved (see ``hparams``)."""
+    from ..hparams import recover
+
+    tree = recover(obj.get("hyper_parameters") or {})
+    return tree if isinstance(tree, dict) else {}
 
 
 def _with_metadata(path: Path, fmt: str, source: TensorSource, meta: Mapping[str, Any], **extra: Any) -> Checkpoint:

@@ -23,18 +23,27 @@ from .pread import Record, Span, SpanReader
 
 log = logging.getLogger(__name__)
 
+# Lightning's hyper-parameters hold whatever the project saved (OmegaConf configs, Namespaces, dataclasses, partial
+# optimizers): ``hparams.recover`` reads them as plain data and ``inspect`` shows them, so they are not warned about.
+HYPER_PARAMETERS = "hyper_parameters"
+
 
 def read_torch_file(path: Path, expected: tuple[str, ...] = ()) -> tuple[Any, unpickle.Loaded | None]:
     """The object a torch file holds, and for zip files what ``unpickle.load`` learned about it.
 
     Objects of unknown classes are read as inert placeholders and listed in a warning, except those of the
-    modules named in ``expected`` (the classes a format is known to pickle, e.g. DeepSpeed's own).
+    modules named in ``expected`` (the classes a format is known to pickle, e.g. DeepSpeed's own) and those in the
+    hyper-parameters.
     """
     if not path.is_file():
         raise ConvertError(f"{path}: no such file")
     if zipfile.is_zipfile(path):
         loaded = unpickle.load(path)
-        unknown = [(w, g) for w, g in loaded.placeholders if not g.startswith(expected)]
+        unknown = [
+            (w, g)
+            for w, g in loaded.placeholders
+            if not g.startswith(expected) and w.split(".", 1)[0].split("[", 1)[0] != HYPER_PARAMETERS
+        ]
         if unknown:
             shown = ", ".join(f"{g} at {w}" for w, g in unknown[:3])
             more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""

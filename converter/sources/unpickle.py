@@ -59,7 +59,6 @@ DANGEROUS_MODULES = frozenset(
         "codeop",
         "types",
         "operator",
-        "functools",
         "webbrowser",
         "multiprocessing",
         "asyncio",
@@ -108,6 +107,9 @@ BENIGN_CONSTRUCTORS = frozenset(
         "copyreg._reconstructor",
         "collections.defaultdict",
         "collections.deque",
+        # A partial object only records a function and its arguments; what it wraps is judged on its own (a
+        # partial of os.system is refused for os.system). Hydra configs save optimizers this way.
+        "functools.partial",
         "datetime.datetime",
         "datetime.date",
         "datetime.time",
