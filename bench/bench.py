@@ -3,6 +3,12 @@
 Builds once and caches (bench/cache/) real runs of Qwen3-shaped PanoramaVLMs trained one step by a Lightning
 Trainer, then runs the contenders alternately, each in a fresh process, ``--reps`` times, and reports median wall
 time and peak RSS (the child's ``ru_maxrss``), their ratios, a JSON file and a bar chart. Not part of CI.
+
+sha256 speed decides much of a conversion's time (every written file is hashed for the manifest), and CPUs differ:
+about 1.3-1.7 GB/s with SHA extensions, 0.38 GB/s without. ``--sha256 native generic`` (the default) runs every
+contender twice: as the machine is, and with OpenSSL told to use none of its CPU-specific code
+(``OPENSSL_ia32cap=0:0``, the generic sha256: about 0.36 GB/s), as on a CPU without SHA extensions. Each mode's
+measured sha256 speed is in the report.
 """
 
 from __future__ import annotations
@@ -53,6 +59,28 @@ import sys
 from converter.hashing import sha256_path
 sha256_path(sys.argv[1])
 """
+
+# The default source identity (zip records), timed inside the process: after the imports a conversion has anyway.
+SOURCE_IDENTITY = """
+import sys, time, torch
+from converter.sources.checkpoint import open_checkpoint
+from converter.sources.pread import SpanReader
+with SpanReader() as reader:
+    checkpoint = open_checkpoint(sys.argv[1], reader)
+    started = time.perf_counter()
+    checkpoint.identity()
+    print(f"inner_s={time.perf_counter() - started}")
+"""
+
+SHA256_SPEED = """
+import hashlib, os, time
+data = os.urandom(256 << 20)
+started = time.perf_counter()
+hashlib.sha256(data).digest()
+print(f"{(256 << 20) / (time.perf_counter() - started) / 1e6:.0f}")
+"""
+
+SHA256_MODES = {"native": {}, "generic": {"OPENSSL_ia32cap": "0:0"}}
 
 IMPORTS = "import torch, peft, transformers.models.qwen3.modeling_qwen3"
 
@@ -109,23 +137,28 @@ def build(shape: str, cache: Path, accelerator: str, dtype: str) -> Path:
     return run
 
 
-def measure(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS bytes of one child process; a failure stops the benchmark."""
+def measure(cmd: list[str], env: dict[str, str]) -> tuple[float, int, float | None]:
+    """Wall seconds, peak RSS bytes and the time the child reports itself (``inner_s=`` on stdout, else None) of
+    one child process; a failure stops the benchmark."""
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO)
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - started
     if status != 0:
         raise SystemExit(f"benchmark command failed ({status}): {' '.join(cmd)}")
-    return wall, usage.ru_maxrss * 1024
+    inner = next((float(line[8:]) for line in out.splitlines() if line.startswith("inner_s=")), None)
+    return wall, usage.ru_maxrss * 1024, inner
 
 
 def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def run_shape(shape: str, args: argparse.Namespace, env: dict[str, str]) -> dict:
+def run_shape(shape: str, args: argparse.Namespace, env: dict[str, str], sha256: str) -> dict:
     py = sys.executable
+    env = {**env, **SHA256_MODES[sha256]}
+    speed = subprocess.run([py, "-c", SHA256_SPEED], env=env, capture_output=True, text=True, check=True)
     # Built in a child so that this process stays small: a forked child starts with its parent's RSS.
     subprocess.run(
         [
@@ -171,14 +204,18 @@ def run_shape(shape: str, args: argparse.Namespace, env: dict[str, str]) -> dict
     convert = [py, "-m", "converter", "convert", str(run), "--out", str(dest), "--quiet", "--device", args.device]
     contenders = {
         "floor (durable copy of the export)": [py, "-c", FLOOR, str(ref), str(dest)],
-        # The manifest records the checkpoint's sha256: one sequential pass over every byte, on one core.
+        # --source-sha256 records the checkpoint's sha256: one sequential pass over every byte, on one core.
         "sha256 of the checkpoint alone": [py, "-c", SOURCE_HASH, str(run / "checkpoints" / "last.ckpt")],
+        # The default identity: the zip records (timed in the process, after its imports).
+        "source identity alone (zip records)": [py, "-c", SOURCE_IDENTITY, str(run / "checkpoints" / "last.ckpt")],
         # What any PEFT-based tool imports before it touches a byte.
         "imports alone (torch, transformers, PEFT)": [py, "-c", IMPORTS],
         "convert --no-verify, streaming": [*convert, "--no-verify", "--engine", "streaming"],
         "convert --no-verify, full": [*convert, "--no-verify", "--engine", "full"],
         "convert with verification, streaming": [*convert, "--engine", "streaming"],
-    }
+        "convert --no-verify --source-sha256, streaming": [*convert, "--no-verify", "--source-sha256", "--engine",
+                                                           "streaming"],
+    }  # fmt: skip
     if args.also_cpu and args.device != "cpu":
         cpu = [py, "-m", "converter", "convert", str(run), "--out", str(dest), "--quiet", "--device", "cpu"]
         contenders["convert --no-verify, streaming, merge on the CPU"] = [*cpu, "--no-verify", "--engine", "streaming"]
@@ -194,15 +231,18 @@ def run_shape(shape: str, args: argparse.Namespace, env: dict[str, str]) -> dict
         ]
     skip = set(args.skip or [])
     contenders = {k: v for k, v in contenders.items() if not any(s in k for s in skip)}
-    results: dict[str, dict] = {name: {"wall_s": [], "peak_rss_bytes": []} for name in contenders}
+    results: dict[str, dict] = {name: {"wall_s": [], "peak_rss_bytes": [], "inner_s": []} for name in contenders}
     for rep in range(args.reps):
         for name, cmd in contenders.items():
             shutil.rmtree(dest, ignore_errors=True)
             subprocess.run(["sync"], check=False)
-            wall, rss = measure(cmd, env)
+            wall, rss, inner = measure(cmd, env)
             results[name]["wall_s"].append(wall)
             results[name]["peak_rss_bytes"].append(rss)
-            print(f"{shape} rep {rep + 1}: {name}: {wall:.2f} s, peak RSS {rss / 1e9:.2f} GB", flush=True)
+            if inner is not None:
+                results[name]["inner_s"].append(inner)
+            said = f", {inner:.3f} s inside" if inner is not None else ""
+            print(f"{shape} ({sha256}) rep {rep + 1}: {name}: {wall:.2f} s{said}, peak RSS {rss / 1e9:.2f} GB")
     shutil.rmtree(dest, ignore_errors=True)
     export_bytes = folder_bytes(ref)
     ckpt = run / "checkpoints" / "last.ckpt"
@@ -212,10 +252,14 @@ def run_shape(shape: str, args: argparse.Namespace, env: dict[str, str]) -> dict
     floor = statistics.median(results[floor_name]["wall_s"])
     peft_name = next((n for n in contenders if n.startswith("PEFT")), None)
     peft = statistics.median(results[peft_name]["wall_s"]) if peft_name else None
+    convert = statistics.median(results["convert --no-verify, streaming"]["wall_s"])
     for name, r in results.items():
         wall, rss = statistics.median(r["wall_s"]), statistics.median(r["peak_rss_bytes"])
+        inner = statistics.median(r["inner_s"]) if r["inner_s"] else None
         summary[name] = {
             "median_wall_s": wall,
+            "median_inner_s": inner,
+            "inner_vs_convert": inner / convert if inner is not None else None,
             "median_peak_rss_bytes": rss,
             "vs_floor": wall / floor,
             "vs_peft_path": wall / peft if peft else None,
@@ -224,6 +268,8 @@ def run_shape(shape: str, args: argparse.Namespace, env: dict[str, str]) -> dict
         }
     return {
         "shape": shape,
+        "sha256_mode": sha256,
+        "sha256_mb_per_s": int(speed.stdout.strip()),
         "dims": SHAPES[shape],
         "checkpoint_bytes": ckpt_bytes,
         "export_bytes": export_bytes,
@@ -255,16 +301,23 @@ def machine(device: str) -> dict:
     return info
 
 
+def label(shape: dict) -> str:
+    return f"{shape['shape']}, sha256 {shape['sha256_mb_per_s'] / 1000:.2f} GB/s ({shape['sha256_mode']})"
+
+
 def table(results: list[dict]) -> str:
     lines = [
-        "| shape | contender | median wall | x floor | x PEFT path | peak RSS | RSS / export |",
+        "| shape, sha256 speed | contender | median wall | x floor | x PEFT path | peak RSS | RSS / export |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for shape in results:
         for name, c in shape["contenders"].items():
             peft = f"{c['vs_peft_path']:.2f}" if c["vs_peft_path"] else "-"
+            wall = f"{c['median_wall_s']:.1f} s"
+            if c["median_inner_s"] is not None:
+                wall += f" ({c['median_inner_s'] * 1000:.0f} ms inside: {c['inner_vs_convert']:.1%} of convert)"
             lines.append(
-                f"| {shape['shape']} | {name} | {c['median_wall_s']:.1f} s | {c['vs_floor']:.2f} | {peft} "
+                f"| {label(shape)} | {name} | {wall} | {c['vs_floor']:.2f} | {peft} "
                 f"| {c['median_peak_rss_bytes'] / 1e9:.2f} GB | {c['rss_vs_export_bytes']:.2f} |"
             )
     return "\n".join(lines)
@@ -283,8 +336,8 @@ def chart(results: list[dict], path: Path) -> None:
         xs = [j + i * width for j in range(len(names))]
         walls = [shape["contenders"].get(n, {}).get("median_wall_s", 0) for n in names]
         rss = [shape["contenders"].get(n, {}).get("median_peak_rss_bytes", 0) / 1e9 for n in names]
-        axes[0].bar(xs, walls, width, label=shape["shape"])
-        axes[1].bar(xs, rss, width, label=shape["shape"])
+        axes[0].bar(xs, walls, width, label=label(shape))
+        axes[1].bar(xs, rss, width, label=label(shape))
     labels = [n.split(" (")[0].replace("convert ", "convert\n") for n in names]
     for ax, title in zip(axes, ["median wall time (s)", "median peak RSS (GB)"], strict=True):
         ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(names))], labels, fontsize=8)
@@ -302,6 +355,7 @@ def main() -> None:
     parser.add_argument("--build-accelerator", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--no-peft", dest="peft", action="store_false")
+    parser.add_argument("--sha256", nargs="+", default=["native", "generic"], choices=list(SHA256_MODES))
     parser.add_argument("--also-cpu", action="store_true", help="with --device cuda: also time the merge on the CPU")
     parser.add_argument("--skip", nargs="*", help="skip contenders whose name contains this")
     parser.add_argument("--cache", type=Path, default=HERE / "cache")
@@ -318,7 +372,7 @@ def main() -> None:
         build(args.build, args.cache, args.build_accelerator, args.dtype)
         return
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    results = [run_shape(shape, args, env) for shape in args.shapes]
+    results = [run_shape(shape, args, env, mode) for shape in args.shapes for mode in args.sha256]
     report = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine(args.device),

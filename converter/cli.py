@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a QLoRA run's base weights: from the base model in full precision (default), or the run's 4-bit "
         "weights dequantized by bitsandbytes",
     )
+    conv.add_argument(
+        "--source-sha256",
+        action="store_true",
+        help="record the checkpoint's full sha256 in the manifest (reads every byte, optimizer states included; "
+        "by default the checkpoint is identified by its zip records' CRC-32s)",
+    )
     conv.add_argument("--no-verify", dest="verify", action="store_false", help="skip reloading and logit checks")
     conv.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     conv.add_argument("--force", action="store_true", help="replace an existing OUT (kept until the new one is done)")
@@ -181,16 +187,27 @@ def main(argv: list[str] | None = None) -> int:
         gc.enable()
 
 
+def _defer_bitsandbytes(argv: list[str]) -> None:
+    """PEFT imports bitsandbytes wherever it is installed (1.4 s of a conversion's start, and a warning about optional
+    CPU kernels); only ``--qlora-base dequantized`` uses it. Elsewhere this process marks it unavailable before PEFT
+    is imported, which PEFT and transformers treat as not installed. (Console entry point only: a program that calls
+    ``main()`` keeps its own imports.)"""
+    wanted = any(a.endswith("dequantized") for a in argv)
+    if not wanted and "peft" not in sys.modules and "bitsandbytes" not in sys.modules:
+        sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
+
+
 def run() -> None:
     """The console entry point: ``main()``, then exit. The objects left are handed to the OS as they are
     (``gc.freeze``): the interpreter's final collection would walk every object the imports created, for nothing."""
+    _defer_bitsandbytes(sys.argv[1:])
     code = main()
     gc.freeze()
     sys.exit(code)
 
 
 def _main(args: argparse.Namespace) -> int:
-    if args.command == "convert" and not args.dry_run:
+    if args.command == "convert" and not args.dry_run and args.source_sha256:
         _prefetch_source_hash(args)
     _setup_logging(args.quiet, args.debug)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # configs come from local folders or the local cache only
@@ -234,6 +251,7 @@ def _main(args: argparse.Namespace) -> int:
                 max_memory=args.max_memory,
                 qlora_base=args.qlora_base,
                 tokenizer=args.tokenizer,
+                source_sha256=args.source_sha256,
             )
             result = convert(opts)
             if args.json:

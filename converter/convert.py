@@ -72,7 +72,9 @@ def convert(opts: ConvertOptions) -> dict[str, Any]:
 
 def _convert(opts: ConvertOptions, plan: Plan, opened: Opened, out: Path, device: torch.device) -> dict[str, Any]:
     sources = opened.sources
-    hasher = take_source_hash(plan.inputs.checkpoint)  # usually started by the CLI before the heavy imports
+    identity = opened.checkpoint.identity()  # the zip records: milliseconds
+    # The full sha256 only when asked for (usually started by the CLI before the heavy imports).
+    hasher = take_source_hash(plan.inputs.checkpoint) if opts.source_sha256 else None
     try:
         plan = settle(plan, sources)
         for part in plan.parts:
@@ -102,11 +104,14 @@ def _convert(opts: ConvertOptions, plan: Plan, opened: Opened, out: Path, device
                 results.append(PartResult(written.part, written.hashes, tuple(copied), verification))
                 known.update({f"{part.out}/{n}" if part.out else n: h for n, h in written.hashes.items()})
             sources.wait()  # every checksum of what was read must hold before anything is committed
-            manifest = build_manifest(plan, results, hasher.result(), opts.verify)
+            identity.check_unchanged()
+            source = {"identity": identity.record(), **({"sha256": hasher.result()} if hasher else {})}
+            manifest = build_manifest(plan, results, source, opts.verify)
             write_model_card(stage, manifest, plan)
             manifest = dataclasses.replace(manifest, files=file_records(stage, known))
             manifest.write(stage)
     except BaseException:
-        hasher.cancel()
+        if hasher is not None:
+            hasher.cancel()
         raise
     return {**manifest.as_json(), "out": str(out)}

@@ -108,9 +108,10 @@ class Manifest:
         (folder / MANIFEST).write_text(json.dumps(self.as_json(), indent=2) + "\n")
 
 
-def build_manifest(plan: Plan, results: list[PartResult], source_sha256: str, verified: bool) -> Manifest:
+def build_manifest(plan: Plan, results: list[PartResult], identity: dict[str, Any], verified: bool) -> Manifest:
+    """``identity``: the checkpoint's ``identity`` record, and its ``sha256`` where it was computed."""
     source = source_record(plan)
-    source["checkpoint"]["sha256"] = source_sha256
+    source["checkpoint"].update(identity)
     adapter = next((r.part.lora.facts() for r in results if r.part.lora is not None), None)
     accounting: dict[str, Any] = {
         "source_keys": sum(len(r.part.keys) for r in results) + sum(len(v) for v in plan.dropped.values())
@@ -168,6 +169,11 @@ def write_model_card(folder: Path, manifest: Manifest, plan: Plan) -> None:
         if adapter
         else "No LoRA adapter was present."
     )
+    identified = (
+        f"sha256 `{src['sha256']}`"
+        if "sha256" in src
+        else f"identity `{src['identity']['digest']}`, the " + src["identity"]["method"]
+    )
     content = f"""---
 {data.to_yaml()}
 ---
@@ -175,7 +181,7 @@ def write_model_card(folder: Path, manifest: Manifest, plan: Plan) -> None:
 # Export of a Lightning run
 
 Converted by ckpt2hf from `{src["path"]}` (epoch {src["epoch"]}, global step {src["global_step"]},
-sha256 `{src.get("sha256", "")}`). {lora}
+{identified}). {lora}
 
 | component | folder | kind | tensors | dtypes |
 |---|---|---|---|---|

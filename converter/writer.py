@@ -6,19 +6,15 @@ import copy
 import logging
 import os
 import shutil
-import sys
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import save_file
 
 from .errors import ConvertError
 from .hashing import sha256_file
-from .names import SAFETENSORS_METADATA, WEIGHTS
 from .plan import PartPlan
 
 log = logging.getLogger(__name__)
@@ -107,21 +103,6 @@ def _fsync_tree(root: Path) -> None:
             with open(os.path.join(dirpath, name), "rb+") as fh:
                 os.fsync(fh.fileno())
         _fsync_dir(Path(dirpath))
-
-
-def write_weights(folder: Path, tensors: Mapping[str, torch.Tensor], max_shard_size: str | int | None) -> None:
-    """model.safetensors, or (with ``max_shard_size``) shards plus model.safetensors.index.json, via
-    huggingface_hub's serializer, which names, splits and indexes them as transformers expects."""
-    from huggingface_hub import save_torch_state_dict
-
-    folder.mkdir(parents=True, exist_ok=True)
-    if max_shard_size is None:
-        save_file({k: t.contiguous() for k, t in tensors.items()}, folder / WEIGHTS, metadata=SAFETENSORS_METADATA)
-        return
-    # huggingface_hub logs "Model weights successfully saved to <staging folder>" under a logger named after its
-    # file; the staging path would only confuse, the CLI reports the final folder.
-    logging.getLogger(sys.modules[save_torch_state_dict.__module__].__file__).setLevel(logging.WARNING)
-    save_torch_state_dict(dict(tensors), folder, max_shard_size=max_shard_size, metadata=dict(SAFETENSORS_METADATA))
 
 
 def write_config(part: PartPlan, folder: Path, tied: bool) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import zipfile
 
 import torch
 from safetensors import safe_open
@@ -107,7 +108,10 @@ def test_manifest_records_provenance_and_hashes(pano_run, pano_export):
     on_disk = json.loads((out / "manifest.json").read_text())
     ckpt = pano_run / "checkpoints" / "last.ckpt"
     assert on_disk["source"]["checkpoint"]["path"] == "checkpoints/last.ckpt"
-    assert on_disk["source"]["checkpoint"]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    identity = on_disk["source"]["checkpoint"]["identity"]
+    assert identity["method"] == "sha256 of the zip records (name, size, CRC-32)"
+    assert identity["records"] == len(zipfile.ZipFile(ckpt).infolist())
+    assert "sha256" not in on_disk["source"]["checkpoint"]  # only with --source-sha256 (test_identity)
     assert on_disk["source"]["checkpoint"]["global_step"] == 3
     listed = {f["path"]: f for f in on_disk["files"]}
     present = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"manifest.json"}

@@ -1,9 +1,9 @@
-"""The source checkpoint's sha256: windowed hashing, and the hash the CLI starts before the heavy imports."""
+"""The source checkpoint's sha256 (``--source-sha256``): windowed hashing, and the hash the CLI starts before the
+heavy imports."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import mmap
 import threading
 
@@ -45,18 +45,9 @@ def test_a_file_changed_after_prefetch_is_hashed_again(tmp_path):
     assert taken.result() == hashlib.sha256(b"newer bytes").hexdigest()
 
 
-def test_cli_convert_records_the_prefetched_source_hash(causal_lm_run, tmp_path, capsys):
-    out = tmp_path / "out"
-    argv = ["convert", causal_lm_run, "--out", out, "--config", "causal_lm", "--quiet", "--no-verify"]
-    code, _, stderr = cli(capsys, *argv)
-    assert code == 0, stderr
-    ckpt = causal_lm_run / "checkpoints" / "last.ckpt"
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["source"]["checkpoint"]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
-
-
 def test_a_failed_cli_convert_leaves_no_hashing_thread(causal_lm_run, tmp_path, capsys):
-    code, _, stderr = cli(capsys, "convert", causal_lm_run, "--out", tmp_path / "out", "--config", "nope", "--quiet")
+    argv = ["convert", causal_lm_run, "--out", tmp_path / "out", "--config", "nope", "--quiet", "--source-sha256"]
+    code, _, stderr = cli(capsys, *argv)
     assert code == 2 and stderr.startswith("ckpt2hf: error: ")
     assert not [t for t in threading.enumerate() if t.name == "ckpt2hf-source-hash" and t.is_alive()]
     assert not (tmp_path / "out").exists()

@@ -19,8 +19,8 @@ from ..merge import build_peft_model, merge_and_unload
 from ..plan import PartPlan
 from ..policy import cast_checked, settled_tie
 from ..sources import Sources
-from ..writer import write_weights
 from .base import Engine, Written
+from .streams import write_tensors
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ class FullEngine(Engine):
             source = self.sources.path(t.source) if t.source is not None else self._checkpoint_path(part)
             out[t.name] = cast_checked(t.name, state.pop(t.name), t.dtype, source).to("cpu").contiguous()
         state.clear()
-        write_weights(folder, out, part.max_shard_size)
-        return FullWritten(part, {}, self.sources, self.device, reference, probe)
+        hashes = write_tensors(folder, part, out)
+        return FullWritten(part, hashes, self.sources, self.device, reference, probe)
 
     def _checkpoint_path(self, part: PartPlan) -> Path:
         return self.sources.path(next(iter(part.inputs.values())))

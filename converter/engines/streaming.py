@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,13 +28,13 @@ from tqdm.auto import tqdm
 from .. import checks
 from ..errors import ConvertError
 from ..merge import build_peft_model, merge_layer
-from ..names import SAFETENSORS_METADATA, SHARD_PATTERN, WEIGHTS, WEIGHTS_INDEX
+from ..names import SAFETENSORS_METADATA
 from ..plan import MergeLayer, OutTensor, PartPlan
 from ..policy import cast_checked, settled_tie, tolerance
 from ..sources import Sources, TensorRef
 from ..sources.safetensors import SafetensorsSource
 from .base import Engine, Written
-from .streams import ReadAhead, SafetensorsStream
+from .streams import FileLayout, ReadAhead, SafetensorsStream
 
 log = logging.getLogger(__name__)
 
@@ -236,21 +235,10 @@ class _PartWriter:
 
     # --- writing -------------------------------------------------------------------------------------------
     def write(self, folder: Path) -> StreamingWritten:
-        from huggingface_hub import split_state_dict_into_shards_factory
-
         part = self.part
         tensors = {t.name: t for t in part.tensors}
-        if part.max_shard_size is None:
-            files = {WEIGHTS: list(tensors)}
-            split = None
-        else:
-            split = split_state_dict_into_shards_factory(
-                tensors,
-                get_storage_size=lambda t: max(1, t.nbytes),
-                filename_pattern=SHARD_PATTERN,
-                max_shard_size=part.max_shard_size,
-            )
-            files = split.filename_to_tensors
+        layout = FileLayout.of(part)
+        files = layout.files
         folder.mkdir(parents=True, exist_ok=True)
         progress = self.engine.progress
         bar = tqdm(total=len(tensors), desc=f"streaming {part.name}", unit="tensor", disable=not progress, leave=False)
@@ -276,9 +264,7 @@ class _PartWriter:
                 stream.abort()
             raise
         bar.close()
-        if split is not None and split.is_sharded:
-            index = {"metadata": {**split.metadata, **SAFETENSORS_METADATA}, "weight_map": split.tensor_to_filename}
-            (folder / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        layout.write_index(folder)
         return StreamingWritten(part, dict(self.sha), self.sources, self.device, self.layer_checks)
 
     def _sources(self, order: list[OutTensor]) -> Iterator[tuple[str, Any, bool]]:

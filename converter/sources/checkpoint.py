@@ -17,6 +17,7 @@ import torch
 
 from ..discover import checkpoint_kind
 from ..errors import ConvertError
+from ..identity import SourceIdentity, source_identity
 from .base import TensorSource
 from .pread import SpanReader
 from .safetensors import SafetensorsSource
@@ -41,6 +42,12 @@ class Checkpoint:
     extras: dict[str, int] = dataclasses.field(default_factory=dict)  # other top-level entry -> tensor bytes
     layout: dict[str, Any] = dataclasses.field(default_factory=dict)  # format facts for inspect (files, ranks, ...)
     frozen_excluded: bool = False  # the run did not save its frozen parameters: they come from the base model
+    # Files holding torch.save streams at offsets (torch.distributed.checkpoint): name -> (offset, length) of each.
+    embedded_zips: dict[str, list[tuple[int, int]]] = dataclasses.field(default_factory=dict)
+
+    def identity(self) -> SourceIdentity:
+        """What identifies this checkpoint in the manifest (see ``identity``): read from its zip records."""
+        return source_identity(self.path, self.embedded_zips)
 
 
 def storage_bytes(obj: Any) -> int:
@@ -126,9 +133,11 @@ def _open_deepspeed(path: Path, reader: SpanReader) -> Checkpoint:
 def _open_dcp(path: Path, reader: SpanReader) -> Checkpoint:
     from .dcp import open_dcp
 
-    source, meta, layout = open_dcp(path, reader)
+    source, meta, layout, streams = open_dcp(path, reader)
     extras = {str(k): storage_bytes(v) for k, v in meta.items()}
-    return _with_metadata(path, "torch.distributed.checkpoint", source, meta, extras=extras, layout=layout)
+    return _with_metadata(
+        path, "torch.distributed.checkpoint", source, meta, extras=extras, layout=layout, embedded_zips=streams
+    )
 
 
 FORMATS: dict[str, Callable[[Path, SpanReader], Checkpoint]] = {

@@ -161,13 +161,20 @@ class _Reader:
         return PiecedSource(self.folder, self.reader, {}, pieces, order, origins), layout
 
 
-def open_dcp(folder: Path, reader: SpanReader) -> tuple[PiecedSource, dict[str, Any], dict[str, Any]]:
-    """(source, the checkpoint dict in meta.pt (empty without one), layout facts for inspect)."""
-    source, layout = _Reader(folder, reader).source()
+def open_dcp(
+    folder: Path, reader: SpanReader
+) -> tuple[PiecedSource, dict[str, Any], dict[str, Any], dict[str, list[tuple[int, int]]]]:
+    """(source, the checkpoint dict in meta.pt (empty without one), layout facts for inspect, the torch.save
+    streams of every entry, optimizer states included: file name -> (offset, length) of each)."""
+    dcp = _Reader(folder, reader)
+    source, layout = dcp.source()
+    streams: dict[str, list[tuple[int, int]]] = {}
+    for info in dcp.storage.values():
+        streams.setdefault(str(info["relative_path"]), []).append((int(info["offset"]), int(info["length"])))
     meta: dict[str, Any] = {}
     if (folder / META).is_file():
         obj, _ = read_torch_file(folder / META)
         if not isinstance(obj, Mapping):
             raise ConvertError(f"{folder / META}: expected the checkpoint's dict")
         meta = dict(obj)
-    return source, meta, layout
+    return source, meta, layout, streams

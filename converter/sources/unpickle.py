@@ -319,7 +319,7 @@ def _data_offset(fh: Any, info: zipfile.ZipInfo) -> int:
     return info.header_offset + 30 + name_len + extra_len
 
 
-class _Window(io.RawIOBase):
+class Window(io.RawIOBase):
     """A read-only view of ``length`` bytes of a file from ``start``, seekable as if it were a file of its own (a
     torch.save stream embedded in a larger file, as torch.distributed.checkpoint writes them)."""
 
@@ -369,7 +369,7 @@ def load(path: Path, start: int = 0, length: int | None = None, mapping: torch.U
     length = size - start if length is None else length
     if start < 0 or length < 0 or start + length > size:
         raise ConvertError(f"{path}: bytes {start}..{start + length} are outside the file; it is truncated or damaged")
-    stream: Any = path if (start, length) == (0, size) else _Window(path, start, length)
+    stream: Any = path if (start, length) == (0, size) else Window(path, start, length)
     try:
         zf = zipfile.ZipFile(stream)
         names = zf.namelist()
