@@ -242,7 +242,9 @@ def run_shape(shape: str, args: argparse.Namespace, env: dict[str, str], sha256:
             if inner is not None:
                 results[name]["inner_s"].append(inner)
             said = f", {inner:.3f} s inside" if inner is not None else ""
-            print(f"{shape} ({sha256}) rep {rep + 1}: {name}: {wall:.2f} s{said}, peak RSS {rss / 1e9:.2f} GB")
+            print(
+                f"{shape} ({sha256}) rep {rep + 1}: {name}: {wall:.2f} s{said}, peak RSS {rss / 1e9:.2f} GB", flush=True
+            )
     shutil.rmtree(dest, ignore_errors=True)
     export_bytes = folder_bytes(ref)
     ckpt = run / "checkpoints" / "last.ckpt"
