@@ -351,7 +351,7 @@ def chart(results: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--shapes", nargs="+", default=["qwen3-0.6b", "qwen3-1.7b"], choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", default=["qwen3-0.6b"], choices=list(SHAPES))
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--build-accelerator", default="cpu")
