@@ -10,7 +10,7 @@ ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv convert inspect test lint format clean bench
+.PHONY: venv convert inspect test lint format clean bench fuzz
 
 venv: $(VENV)/.installed
 
@@ -45,10 +45,17 @@ format: venv
 	$(VENV)/bin/ruff check --fix converter tests bench
 	$(VENV)/bin/ruff format converter tests bench
 
-# Not part of CI: builds and caches Qwen3-0.6B- and 1.7B-shaped runs (about 50 GB of disk), then measures.
+# Not part of CI: builds and caches a Qwen3-0.6B-shaped run (about 20 GB of disk), then measures (BENCH_ARGS=--help).
 bench: venv
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) bench/bench.py $(BENCH_ARGS)
+
+# Not part of CI: seeded damage to every kind of input for MINUTES (default 30), with a fresh seed (SEED=n
+# replays one); each input that breaks the property goes to fuzz-crashes/ (the damaged file and its damage).
+MINUTES ?= 30
+SEED ?=
+fuzz: venv
+	cd tests && ../$(PY) fuzzing.py --minutes $(MINUTES) --crashes ../fuzz-crashes $(if $(SEED),--seed $(SEED))
 
 clean:
 	rm -rf build .pytest_cache

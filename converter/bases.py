@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import ConvertError
+from .errors import ConvertError, untrusted
 from .hparams import lookup
 from .layout import Component
 from .names import CONFIG
@@ -75,7 +75,5 @@ def load_base_config(base: BaseRef) -> Any:
     """The transformers config of a base folder."""
     from transformers import AutoConfig
 
-    try:
+    with untrusted(base.path / CONFIG, "not a usable model config", "pass --base with the model's own folder"):
         return AutoConfig.from_pretrained(base.path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConvertError(f"{base.path / CONFIG}: not a usable model config ({exc})") from exc

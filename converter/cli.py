@@ -230,6 +230,10 @@ def _main(args: argparse.Namespace) -> int:
             report = inspect_run(args.run, config=args.config, bases=dict(args.base))
             print(json.dumps(report, indent=2) if args.json else render(report))
         elif args.command == "convert":
+            from .writer import refuse_existing
+
+            if args.out is not None and not args.dry_run:
+                refuse_existing(args.out, args.force)  # at once, before the heavy imports
             from .convert import ConvertOptions, convert
 
             opts = ConvertOptions(

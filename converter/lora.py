@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import ConvertError, preview
+from .errors import ConvertError, preview, untrusted
 from .hparams import lookup
 from .keymap import PeftLayout, adapter_key
 from .names import ADAPTER, ADAPTER_CONFIG, CHECKPOINT
@@ -34,11 +34,8 @@ def lora_config_from(
         ignored = sorted(set(raw) - known)
         if ignored:
             log.info("adapter_config.json fields unknown to this PEFT version, ignored: %s", ", ".join(ignored))
-        try:
+        with untrusted(adapter.path / ADAPTER_CONFIG, "PEFT rejects it", "re-save the adapter"):
             cfg = LoraConfig(**{k: v for k, v in raw.items() if k in known})
-        except (TypeError, ValueError) as exc:
-            where = adapter.path / ADAPTER_CONFIG
-            raise ConvertError(f"{where}: PEFT rejects it ({exc}); re-save the adapter") from exc
         cfg.inference_mode = True
         h_r, h_alpha = (_hparam(hparams, name, where) for name in ("lora_r", "lora_alpha"))
         if (h_r is not None and h_r != cfg.r) or (h_alpha is not None and h_alpha != cfg.lora_alpha):

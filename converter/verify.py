@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
-from .errors import ConvertError
+from .errors import untrusted
 from .hashing import sha256_file
 from .names import MANIFEST, WEIGHTS, WEIGHTS_INDEX
 
@@ -22,11 +23,8 @@ def verify_export(out: Path) -> tuple[list[str], int]:
     """
     out = Path(out)
     path = out / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-        listed = {f["path"]: f for f in manifest["files"]}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConvertError(f"{path}: no readable manifest ({type(exc).__name__}); is {out} a ckpt2hf export?") from exc
+    with untrusted(path, "no readable manifest", f"is {out} a ckpt2hf export?"):
+        listed = _listed(json.loads(path.read_text()))
     problems = []
     present = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {MANIFEST}
     problems += [f"missing: {p}" for p in sorted(set(listed) - present)]
@@ -43,7 +41,7 @@ def verify_export(out: Path) -> tuple[list[str], int]:
             with safe_open(out / rel, framework="pt") as fh:
                 meta = fh.metadata() or {}
                 tensors_by_file[rel] = list(fh.keys())
-        except (SafetensorError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a damaged file is a difference to report, whatever the parser says
             problems.append(f"unreadable safetensors: {rel} ({str(exc)[:80]})")
             continue
         if meta.get("format") != "pt":
@@ -53,12 +51,28 @@ def verify_export(out: Path) -> tuple[list[str], int]:
     return problems, len(present)
 
 
+def _listed(manifest: Any) -> dict[str, dict[str, Any]]:
+    """The manifest's file records by path; a ValueError if they are not what ckpt2hf writes."""
+    files = manifest["files"]
+    if not isinstance(files, list) or not all(
+        isinstance(f, dict)
+        and isinstance(f.get("path"), str)
+        and isinstance(f.get("bytes"), int)
+        and isinstance(f.get("sha256"), str)
+        for f in files
+    ):
+        raise ValueError("its file records are not {path, bytes, sha256}")
+    return {f["path"]: f for f in files}
+
+
 def _check_index(out: Path, index: str, tensors_by_file: dict[str, list[str]]) -> list[str]:
     folder = Path(index).parent.as_posix()
     prefix = "" if folder == "." else f"{folder}/"
     try:
         weight_map = json.loads((out / index).read_text())["weight_map"]
-    except (OSError, ValueError, KeyError) as exc:
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError("weight_map is not a mapping of tensor to file")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         return [f"index: {index} is unreadable ({type(exc).__name__})"]
     problems = []
     named = {prefix + shard for shard in weight_map.values()}

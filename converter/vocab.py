@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import ConvertError, preview
+from .errors import ConvertError, preview, untrusted
 from .hparams import lookup
 
 log = logging.getLogger(__name__)
@@ -94,12 +94,10 @@ def check_tokenizer(folder: Path, found_by: str, rows: int | None, base_vocab: i
     """Load the tokenizer (transformers, local files only) and check it against the embeddings' rows."""
     from transformers import AutoTokenizer
 
-    try:
+    with untrusted(folder, "the tokenizer does not load", "pass --tokenizer PATH"):
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise ConvertError(f"{folder}: the tokenizer does not load ({exc}); pass --tokenizer PATH") from exc
-    size = len(tokenizer)
-    added = {t: i for t, i in sorted(tokenizer.get_added_vocab().items(), key=lambda kv: kv[1])}
+        size = len(tokenizer)
+        added = {t: i for t, i in sorted(tokenizer.get_added_vocab().items(), key=lambda kv: kv[1])}
     if base_vocab is not None:  # the tokens added in training, beyond the base's vocabulary
         added = {t: i for t, i in added.items() if i >= base_vocab}
     if rows is not None:

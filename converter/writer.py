@@ -10,12 +10,15 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError
 
 from .errors import ConvertError
 from .hashing import sha256_file
-from .plan import PartPlan
+
+if TYPE_CHECKING:  # the CLI checks OUT with refuse_existing before torch is imported
+    from .plan import PartPlan
 
 log = logging.getLogger(__name__)
 

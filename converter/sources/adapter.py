@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConvertError
+from ..errors import ConvertError, untrusted
 from ..names import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .base import TensorSource
 from .pread import SpanReader
@@ -45,6 +45,11 @@ def find_adapter_folder(folder: Path, adapter_name: str | None = None) -> Path |
 
 def open_adapter_folder(folder: Path, reader: SpanReader) -> AdapterFolder:
     """Read adapter_config.json and locate the adapter's tensors (safetensors, else a .bin read without its code)."""
+    with untrusted(folder, "the adapter folder cannot be read; it is damaged", "re-save the adapter"):
+        return _open(folder, reader)
+
+
+def _open(folder: Path, reader: SpanReader) -> AdapterFolder:
     config_path = folder / ADAPTER_CONFIG
     try:
         config = json.loads(config_path.read_text())

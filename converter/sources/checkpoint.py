@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..discover import checkpoint_kind
-from ..errors import ConvertError
+from ..errors import ConvertError, untrusted
 from ..identity import SourceIdentity, source_identity
 from .base import TensorSource
 from .pread import SpanReader
@@ -26,6 +26,8 @@ from .torchfile import read_torch_file, torch_tensor_source
 # Where a single-file checkpoint keeps its weights: Lightning, Fabric's convention, others; else the one entry
 # that is a mapping of tensors.
 WEIGHT_ENTRIES = ("state_dict", "model", "module")
+READ_FAILED = "cannot be read as a checkpoint; it is damaged"
+CHECKPOINT_ADVICE = "re-copy it, or choose another checkpoint with --ckpt"
 
 
 @dataclasses.dataclass
@@ -156,20 +158,22 @@ def open_checkpoint(path: Path, reader: SpanReader) -> Checkpoint:
             "a folder that is no checkpoint (no DeepSpeed 'latest', no .metadata)" if path.is_dir() else "no such file"
         )
         raise ConvertError(f"{path}: {what}")
-    return FORMATS[kind](path, reader)
+    with untrusted(path, READ_FAILED, CHECKPOINT_ADVICE):
+        return FORMATS[kind](path, reader)
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
     """A checkpoint's top-level entries other than weights (e.g. ``global_step``), read without its code."""
     path = Path(path)
     kind = checkpoint_kind(path)
-    if kind == "deepspeed":
-        from .deepspeed import client_state
+    with untrusted(path, READ_FAILED, CHECKPOINT_ADVICE):
+        if kind == "deepspeed":
+            from .deepspeed import client_state
 
-        return client_state(path)
-    if kind == "dcp":
-        meta = path / "meta.pt"
-        obj = read_torch_file(meta)[0] if meta.is_file() else {}
-    else:
-        obj, _ = read_torch_file(path)
-    return {k: v for k, v in obj.items() if k not in WEIGHT_ENTRIES} if isinstance(obj, Mapping) else {}
+            return client_state(path)
+        if kind == "dcp":
+            meta = path / "meta.pt"
+            obj = read_torch_file(meta)[0] if meta.is_file() else {}
+        else:
+            obj, _ = read_torch_file(path)
+        return {k: v for k, v in obj.items() if k not in WEIGHT_ENTRIES} if isinstance(obj, Mapping) else {}

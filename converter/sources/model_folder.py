@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import ConvertError
+from ..errors import ConvertError, untrusted
 from .base import SpanSource
 from .pread import SpanReader
 from .safetensors import safetensors_spans
@@ -21,11 +21,9 @@ def _files(folder: Path) -> list[Path]:
     for name in INDEXES:
         index = folder / name
         if index.is_file():
-            try:
+            with untrusted(index, "unreadable index", "re-save the model folder"):
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-                raise ConvertError(f"{index}: unreadable index ({exc})") from exc
-            return [folder / f for f in sorted(set(map(str, weight_map.values())))]
+                return [folder / f for f in sorted(set(map(str, weight_map.values())))]
     return [folder / name for name in SINGLE if (folder / name).is_file()]
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..errors import ConvertError
+from ..errors import ConvertError, untrusted
 from .base import SpanSource
 from .pread import Span, SpanReader
 
@@ -31,6 +31,11 @@ def safetensors_spans(path: Path) -> dict[str, Span]:
 
     safetensors itself validates the header first (offsets, dtypes, sizes against the file's length).
     """
+    with untrusted(path, "not a valid safetensors file", "re-export or re-copy it"):
+        return _spans(path)
+
+
+def _spans(path: Path) -> dict[str, Span]:
     try:
         with safe_open(path, framework="pt"):
             pass

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConvertError
+from ..errors import ConvertError, untrusted
 from . import unpickle
 from .base import SpanSource
 from .pread import Record, Span, SpanReader
@@ -54,27 +54,29 @@ def read_torch_file(path: Path, expected: tuple[str, ...] = ()) -> tuple[Any, un
                 more,
             )
         return loaded.obj, loaded
+    if path.stat().st_size == 0:
+        raise ConvertError(f"{path}: the file is empty; re-copy it or choose another with --ckpt")
+    with untrusted(path, "not a readable PyTorch checkpoint (legacy format)", "the file may be truncated or corrupt"):
+        return _legacy(path), None
+
+
+def _legacy(path: Path) -> Any:
+    """A legacy-format (non-zip) torch file, through torch's own weights-only unpickler."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True), None
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch's message suggests weights_only=False; that would execute the file's code, so it is not repeated.
-        first = str(exc).split("Weights only load failed")[-1].strip().splitlines()
-        detail = next((line.strip() for line in first if "GLOBAL" in line), None)
+        text = str(exc)
+        detail = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), None)
         if detail is None:
+            reason = text.split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
             raise ConvertError(
-                f"{path}: not a readable PyTorch checkpoint (legacy format, {first[0][:80]}); "
+                f"{path}: not a readable PyTorch checkpoint (legacy format, {' '.join(reason.split())[:80]}); "
                 "the file may be truncated or corrupt"
             ) from exc
         raise ConvertError(
             f"{path}: refused to unpickle ({detail}); the file holds objects other than tensors and plain data, "
             "and ckpt2hf never executes a checkpoint's code"
-        ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        if path.stat().st_size == 0:
-            raise ConvertError(f"{path}: the file is empty; re-copy it or choose another with --ckpt") from exc
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConvertError(
-            f"{path}: not a readable PyTorch checkpoint ({reason}); the file may be truncated or corrupt"
         ) from exc
 
 

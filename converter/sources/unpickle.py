@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConvertError
+from ..errors import ConvertError, untrusted
 from .pread import Record
 
 # Top-level modules whose globals can act on the system; any reference to one of them makes a file hostile.
@@ -358,6 +358,12 @@ ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedE
 
 
 def load(path: Path, start: int = 0, length: int | None = None, mapping: torch.UntypedStorage | None = None) -> Loaded:
+    """Unpickle a torch zip checkpoint safely (see ``_load``); any failure to parse it is a ConvertError."""
+    with untrusted(path, "not a readable PyTorch checkpoint", "the file may be truncated or corrupt; re-copy it"):
+        return _load(Path(path), start, length, mapping)
+
+
+def _load(path: Path, start: int, length: int | None, mapping: torch.UntypedStorage | None) -> Loaded:
     """Unpickle a torch zip checkpoint safely; tensors are memory-mapped views of the file.
 
     ``start``/``length``: the zip is that window of the file (``mapping``: the file already mapped, to share one
@@ -446,8 +452,9 @@ def load_pickle(path: Path) -> Loaded:
     def no_storage(key: str, dtype: torch.dtype, numel: int) -> Any:
         raise ConvertError(f"{path}: a pickle that should hold no tensor data refers to storage {key}")
 
-    obj = _unpickle(path, data, no_storage)
-    return Loaded(obj, _placeholders(obj, path), {})
+    with untrusted(path, "not a readable pickle", "the file may be truncated or corrupt; re-copy it"):
+        obj = _unpickle(path, data, no_storage)
+        return Loaded(obj, _placeholders(obj, path), {})
 
 
 def _unpickle(path: Path, data: bytes, load_storage: Any) -> Any:
