@@ -7,7 +7,6 @@ EXAMPLE_ROOT := build/example
 RUN ?=
 OUT ?=
 ARGS ?=
-export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: venv convert inspect test lint format clean bench fuzz
@@ -21,19 +20,23 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # make convert RUN=runs/<name> [OUT=dir] [ARGS="--dtype bfloat16 ..."]; without RUN: the built-in example run.
+# Several runs, RUN="runs/a runs/b": each into OUT/<name>/ (OUT default: exports), a table at the end.
 convert: venv
 ifeq ($(strip $(RUN)),)
-	@run=$$($(PY) -m converter.example $(EXAMPLE_ROOT)) && \
+	@run=$$(HF_HUB_OFFLINE=1 $(PY) -m converter.example $(EXAMPLE_ROOT)) && \
 	$(PY) -m converter convert "$$run" --out "$${OUT:-$$run/export}" --force $(ARGS)
+else ifneq ($(words $(RUN)),1)
+	$(PY) -m converter convert $(RUN) --out-root "$(if $(OUT),$(OUT),exports)" $(ARGS)
 else
 	$(PY) -m converter convert "$(RUN)" --out "$(if $(OUT),$(OUT),$(RUN)/export)" $(ARGS)
 endif
 
 # make inspect RUN=runs/<name> [ARGS=--json]; without RUN: the built-in example run.
 inspect: venv
-	@run="$(RUN)"; [ -n "$$run" ] || run=$$($(PY) -m converter.example $(EXAMPLE_ROOT)); \
+	@run="$(RUN)"; [ -n "$$run" ] || run=$$(HF_HUB_OFFLINE=1 $(PY) -m converter.example $(EXAMPLE_ROOT)); \
 	$(PY) -m converter inspect "$$run" $(ARGS)
 
+# The tests are offline by themselves (tests/conftest.py); the Makefile leaves the hub to the user.
 test: venv lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 

@@ -1,10 +1,12 @@
 """Where a component's base config comes from: ``--base NAME=PATH``, else a hyper-parameter naming a local folder
-or a hub id present in the local Hugging Face cache (offline). Only configs, generation settings and tokenizer
-files are taken from a base; weights always come from the checkpoint."""
+or a hub id: from the local Hugging Face cache, else (online) its configuration, tokenizer and processor files are
+fetched, never its weights. Only configs, generation settings, tokenizer and processor files are taken from a base;
+weights come from the checkpoint (or, for a run that saved no frozen weights, a local base folder)."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,24 @@ from .hparams import lookup
 from .layout import Component
 from .names import CONFIG
 
-HUB_CACHE = "(Hugging Face cache)"
+HUB_CACHE = "Hugging Face cache"
+HUB_FETCHED = "fetched from the Hugging Face hub"
+# What a base named by hub id contributes to an export: never weights.
+FETCHED = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template*",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "README.md",
+)
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +43,15 @@ class BaseRef:
     path: Path
     found_by: str  # "--base NAME", "hyper_parameters.KEY" or "hyper_parameters.KEY (Hugging Face cache)"
     hub_id: str | None = None  # the hub id it was found by, if any
+    revision: str | None = None  # the hub commit of its files, for a hub id
+
+    @property
+    def name(self) -> str:
+        """How an export names the base: its hub id, else its folder's name (never a path of this machine)."""
+        return self.hub_id or self.path.resolve().name
+
+    def record(self) -> dict[str, str]:
+        return {"name": self.name, "found_by": self.found_by, **({"revision": self.revision} if self.revision else {})}
 
 
 def resolve_base(
@@ -47,9 +75,10 @@ def resolve_base(
             local = run / value
         if (local / CONFIG).is_file():
             return BaseRef(local, f"hyper_parameters.{path}")
-        cached = _hub_cache_snapshot(value)
-        if cached is not None:
-            return BaseRef(cached, f"hyper_parameters.{path} {HUB_CACHE}", hub_id=value)
+        found_on_hub = _hub_snapshot(value, where, comp.name)
+        if found_on_hub is not None:
+            folder, how = found_on_hub
+            return BaseRef(folder, f"hyper_parameters.{path} ({how})", hub_id=value, revision=folder.name)
     said = (
         f"hyper_parameters give {', '.join(tried)}, neither a local folder nor in the Hugging Face cache"
         if tried
@@ -60,15 +89,35 @@ def resolve_base(
     )
 
 
-def _hub_cache_snapshot(repo_id: str) -> Path | None:
-    from huggingface_hub import snapshot_download
+def _hub_snapshot(repo_id: str, where: Path, comp: str) -> tuple[Path, str] | None:
+    """The snapshot folder of a hub id and how it was found: from the local cache, else (online) fetched -- only
+    the configuration, tokenizer, processor and model card files, never weights. None: not a hub id, or offline and
+    not cached. A fetch that fails is a ConvertError."""
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     try:
-        path = Path(snapshot_download(repo_id, local_files_only=True))
-    except (HFValidationError, LocalEntryNotFoundError, OSError, ValueError):
+        path = Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=list(FETCHED)))
+        if (path / CONFIG).is_file():
+            return path, HUB_CACHE
+    except (HFValidationError, ValueError):
+        return None  # not a hub id
+    except (LocalEntryNotFoundError, OSError):
+        pass
+    if constants.HF_HUB_OFFLINE:
         return None
-    return path if (path / CONFIG).is_file() else None
+    log.info("%s: fetching the configuration and tokenizer of %s from the Hugging Face hub (no weights)", comp, repo_id)
+    try:
+        path = Path(snapshot_download(repo_id, allow_patterns=list(FETCHED)))
+    except Exception as exc:  # network, authentication, not found: all the same to the user
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        raise ConvertError(
+            f"{where}: the base of {comp}, {repo_id}, could not be fetched from the Hugging Face hub "
+            f"({type(exc).__name__}: {reason}); pass --base {comp}=PATH, or log in (hf auth login) for a gated model"
+        ) from exc
+    if not (path / CONFIG).is_file():
+        raise ConvertError(f"{where}: {repo_id} on the Hugging Face hub has no config.json; pass --base {comp}=PATH")
+    return path, HUB_FETCHED
 
 
 def load_base_config(base: BaseRef) -> Any:

@@ -34,8 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     conv = sub.add_parser("convert", help="convert a run (or one checkpoint) into Hugging Face folders")
-    conv.add_argument("run", type=Path, help="run folder (checkpoints/, lora_weights/) or a checkpoint file")
+    conv.add_argument(
+        "run",
+        type=Path,
+        nargs="+",
+        help="run folder (checkpoints/, lora_weights/) or a checkpoint file; several with --out-root",
+    )
     conv.add_argument("--out", type=Path, help="export folder (default: RUN/export)")
+    conv.add_argument(
+        "--out-root",
+        type=Path,
+        help="convert each RUN into OUT_ROOT/<run name>/, going on past a run that fails; ends with a table",
+    )
     conv.add_argument("--ckpt", type=Path, help="checkpoint to convert (default: last.ckpt, else newest by step)")
     conv.add_argument("--config", default="panorama_vlm", help="layout config: a name in configs/ or a YAML path")
     conv.add_argument("--adapter-dir", type=Path, help="PEFT adapter folder (default: RUN/lora_weights)")
@@ -82,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="record the checkpoint's full sha256 in the manifest (reads every byte, optimizer states included; "
         "by default the checkpoint is identified by its zip records' CRC-32s)",
+    )
+    conv.add_argument(
+        "--adapter-out",
+        type=Path,
+        metavar="DIR",
+        help="also write the run's adapter as a clean PEFT folder (PeftModel.from_pretrained(base, DIR) loads it)",
     )
     conv.add_argument("--no-verify", dest="verify", action="store_false", help="skip reloading and logit checks")
     conv.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
@@ -152,6 +168,12 @@ def _print_result(manifest: dict[str, Any]) -> None:
             )
         if "exact_tensors" in check:
             figures.append(f"{check['exact_tensors']} tensors exact")
+        if comp.get("precision"):
+            p = comp["precision"]
+            figures.append(
+                f"{p['dtype']} keeps the LoRA delta to {100 * p['median_delta_error']:.1f}% median error "
+                f"(worst {100 * p['max_delta_error']:.1f}%)"
+            )
         print(f"  {name:<16} {comp['path'] + '/':<18} {comp['tensors']:>6} tensors  {'; '.join(figures)}")
 
 
@@ -161,7 +183,7 @@ def _prefetch_source_hash(args: argparse.Namespace) -> None:
     from .hashing import prefetch
 
     try:
-        inputs = find_inputs(args.run, args.ckpt, args.adapter_dir)
+        inputs = find_inputs(args.run[0], args.ckpt, args.adapter_dir)
     except ConvertError:
         return  # convert() reports it
     prefetch(inputs.checkpoint)
@@ -207,10 +229,9 @@ def run() -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    if args.command == "convert" and not args.dry_run and args.source_sha256:
+    if args.command == "convert" and not args.dry_run and args.source_sha256 and len(args.run) == 1:
         _prefetch_source_hash(args)
     _setup_logging(args.quiet, args.debug)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # configs come from local folders or the local cache only
     try:
         if args.command == "verify":
             from .verify import verify_export
@@ -230,40 +251,7 @@ def _main(args: argparse.Namespace) -> int:
             report = inspect_run(args.run, config=args.config, bases=dict(args.base))
             print(json.dumps(report, indent=2) if args.json else render(report))
         elif args.command == "convert":
-            from .writer import refuse_existing
-
-            if args.out is not None and not args.dry_run:
-                refuse_existing(args.out, args.force)  # at once, before the heavy imports
-            from .convert import ConvertOptions, convert
-
-            opts = ConvertOptions(
-                run=args.run,
-                out=args.out,
-                ckpt=args.ckpt,
-                config=args.config,
-                adapter_dir=args.adapter_dir,
-                lora_from=args.lora_from,
-                bases=dict(args.base),
-                dtype=args.dtype,
-                device=args.device,
-                verify=args.verify,
-                dry_run=args.dry_run,
-                force=args.force,
-                max_shard_size=args.max_shard_size,
-                progress=not args.quiet and not args.json,
-                engine=args.engine,
-                max_memory=args.max_memory,
-                qlora_base=args.qlora_base,
-                tokenizer=args.tokenizer,
-                source_sha256=args.source_sha256,
-            )
-            result = convert(opts)
-            if args.json:
-                print(json.dumps(result, indent=2))
-            elif opts.dry_run:
-                _print_plan(result)
-            else:
-                _print_result(result)
+            return _convert(args)
     except ConvertError as exc:
         if args.debug:
             raise
@@ -272,6 +260,80 @@ def _main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("ckpt2hf: interrupted; nothing was written", file=sys.stderr)
         return 130
+    return 0
+
+
+def _options(args: argparse.Namespace, run: Path, out: Path | None) -> Any:
+    from .convert import ConvertOptions
+
+    return ConvertOptions(
+        run=run,
+        out=out,
+        ckpt=args.ckpt,
+        config=args.config,
+        adapter_dir=args.adapter_dir,
+        lora_from=args.lora_from,
+        bases=dict(args.base),
+        dtype=args.dtype,
+        device=args.device,
+        verify=args.verify,
+        dry_run=args.dry_run,
+        force=args.force,
+        max_shard_size=args.max_shard_size,
+        progress=not args.quiet and not args.json,
+        engine=args.engine,
+        max_memory=args.max_memory,
+        qlora_base=args.qlora_base,
+        tokenizer=args.tokenizer,
+        source_sha256=args.source_sha256,
+        adapter_out=args.adapter_out,
+    )
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .writer import refuse_existing
+
+    batch = args.out_root is not None or len(args.run) > 1
+    if batch and args.out is not None:
+        raise ConvertError("--out names one export; with several runs use --out-root DIR (each run into DIR/<name>)")
+    if batch and args.adapter_out is not None:
+        raise ConvertError("--adapter-out names one folder; convert runs with an adapter folder one at a time")
+    if batch and args.dry_run:
+        raise ConvertError("--dry-run plans one run; run it for each run on its own")
+    if batch:
+        return _convert_batch(args)
+    if args.out is not None and not args.dry_run:
+        refuse_existing(args.out, args.force)  # at once, before the heavy imports
+    from .convert import convert
+
+    opts = _options(args, args.run[0], args.out)
+    result = convert(opts)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif opts.dry_run:
+        _print_plan(result)
+    else:
+        _print_result(result)
+    return 0
+
+
+def _convert_batch(args: argparse.Namespace) -> int:
+    from .batch import batch_outputs, convert_batch, render_batch
+
+    batch_outputs(args.run, args.out_root)  # names clash: an error before the heavy imports
+    from .convert import convert
+
+    results = convert_batch(
+        args.run, args.out_root, lambda run, out: convert(_options(args, run, out)), debug=args.debug
+    )
+    if args.json:
+        print(json.dumps([r.record() for r in results], indent=2))
+    else:
+        print(render_batch(results))
+    failed = [r for r in results if not r.ok]
+    if failed:
+        print(f"ckpt2hf: error: {len(failed)} of {len(results)} runs failed", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -7,6 +7,7 @@ result is verified -> manifest and model card (last) -> the staging folder is re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Any
 
 import torch
 
+from . import precision
+from .adapter_out import write_adapters
 from .checks import settle
 from .engines import ENGINES
 from .errors import ConvertError
@@ -23,7 +26,8 @@ from .manifest import PartResult, build_manifest, plan_summary, write_model_card
 from .options import ConvertOptions
 from .plan import Plan
 from .planner import Opened, build_plan, open_run
-from .writer import file_records, refuse_existing, staged_output, write_config
+from .release import complete_part
+from .writer import file_records, out_lock, refuse_existing, staged_output, write_config
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +66,16 @@ def convert(opts: ConvertOptions) -> dict[str, Any]:
     device = resolve_device(opts.device)
     if opts.out is not None and not opts.dry_run:
         refuse_existing(Path(opts.out), opts.force)  # before anything is read (checked again when writing)
+    if opts.adapter_out is not None and not opts.dry_run:
+        refuse_existing(Path(opts.adapter_out), opts.force)
     plan, opened = plan_run(opts)
     out = Path(opts.out) if opts.out else plan.inputs.run / "export"
     with opened.sources:
         if opts.dry_run:
             return plan_summary(plan, out)
-        return _convert(opts, plan, opened, out, device)
+        with out_lock(out):
+            refuse_existing(out, opts.force)  # again, under the lock: another convert may have written it meanwhile
+            return _convert(opts, plan, opened, out, device)
 
 
 def _convert(opts: ConvertOptions, plan: Plan, opened: Opened, out: Path, device: torch.device) -> dict[str, Any]:
@@ -97,19 +105,30 @@ def _convert(opts: ConvertOptions, plan: Plan, opened: Opened, out: Path, device
                         written.part.tie.because,
                     )
                 copied = write_config(written.part, folder, written.part.tied)
+                release = complete_part(written.part, folder)
                 verification = None
                 if opts.verify:
                     log.info("verifying %s", part.name)
                     verification = written.verify(folder)
-                results.append(PartResult(written.part, written.hashes, tuple(copied), verification))
+                if written.precision:
+                    dtype = next(t.dtype for t in written.part.tensors if t.name in written.precision)
+                    release["precision"] = precision.summarize(part.name, dtype, written.precision)
+                results.append(PartResult(written.part, written.hashes, tuple(copied), verification, release))
                 known.update({f"{part.out}/{n}" if part.out else n: h for n, h in written.hashes.items()})
             sources.wait()  # every checksum of what was read must hold before anything is committed
             identity.check_unchanged()
             source = {"identity": identity.record(), **({"sha256": hasher.result()} if hasher else {})}
-            manifest = build_manifest(plan, results, source, opts.verify)
-            write_model_card(stage, manifest, plan)
-            manifest = dataclasses.replace(manifest, files=file_records(stage, known))
-            manifest.write(stage)
+            manifest = build_manifest(plan, results, source, opts.verify, device)
+            with contextlib.ExitStack() as adapter_stage:
+                if opts.adapter_out is not None:  # committed just before the export, removed if it fails
+                    folder = adapter_stage.enter_context(staged_output(Path(opts.adapter_out), opts.force))
+                    adapters = write_adapters(plan, sources, folder)
+                    manifest = dataclasses.replace(
+                        manifest, adapter_out={"folder": Path(opts.adapter_out).name, "parts": adapters}
+                    )
+                write_model_card(stage, manifest, plan)
+                manifest = dataclasses.replace(manifest, files=file_records(stage, known))
+                manifest.write(stage)
     except BaseException:
         if hasher is not None:
             hasher.cancel()

@@ -205,6 +205,7 @@ def build_bases(
         PreTrainedTokenizerFast,
         Qwen3Config,
         Qwen3ForCausalLM,
+        SiglipImageProcessorPil,
         SiglipVisionConfig,
         SiglipVisionModel,
     )
@@ -232,7 +233,11 @@ def build_bases(
     else:
         lm_config.save_pretrained(lm_dir)
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, max_new_tokens=8).save_pretrained(lm_dir)
-    _tiny_tokenizer(shape.vocab, PreTrainedTokenizerFast).save_pretrained(lm_dir)
+    tokenizer = _tiny_tokenizer(shape.vocab, PreTrainedTokenizerFast)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(lm_dir)
+    # A base's model card states its license, as the hub's do.
+    (lm_dir / "README.md").write_text("---\nlicense: apache-2.0\n---\n\n# A tiny Qwen3-shaped base\n")
     vision_config = SiglipVisionConfig(
         hidden_size=shape.vision_hidden,
         intermediate_size=2 * shape.vision_hidden,
@@ -242,7 +247,16 @@ def build_bases(
         patch_size=shape.patch_size,
     )
     SiglipVisionModel(vision_config).save_pretrained(vision_dir)
+    size = {"height": shape.image_size, "width": shape.image_size}
+    SiglipImageProcessorPil(size=size).save_pretrained(vision_dir)  # the pure-Python (PIL) Siglip processor
     return vision_dir, lm_dir
+
+
+# ChatML, as Qwen-family tokenizers ship it.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
+    "'\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 def _tiny_tokenizer(vocab_size: int, fast_cls):

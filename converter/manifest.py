@@ -7,12 +7,15 @@ import dataclasses
 import datetime
 import importlib.metadata
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from .hashing import path_bytes
-from .names import MANIFEST, MANIFEST_FORMAT, MODEL_CARD
+from .names import MANIFEST, MANIFEST_FORMAT, MODEL_CARD, WEIGHTS
 from .plan import PartPlan, Plan
+
+log = logging.getLogger(__name__)
 
 VERSIONED = ("ckpt2hf", "torch", "transformers", "peft", "safetensors", "huggingface_hub", "accelerate")
 
@@ -25,6 +28,7 @@ class PartResult:
     hashes: dict[str, str]  # file (relative to the part's folder) -> sha256 computed while writing
     copied_from_base: tuple[str, ...]
     verification: dict[str, Any] | None
+    release: dict[str, Any] = dataclasses.field(default_factory=dict)  # processor, chat template, EOS ids
 
 
 def versions() -> dict[str, str]:
@@ -38,17 +42,19 @@ def versions() -> dict[str, str]:
 
 
 def _relative(path: Path, root: Path) -> str:
+    """``path`` relative to ``root``; outside it, its name alone (a manifest holds no paths of this machine)."""
     try:
         return path.resolve().relative_to(root.resolve()).as_posix()
     except ValueError:
-        return str(path.resolve())
+        return path.resolve().name
 
 
 def source_record(plan: Plan) -> dict[str, Any]:
-    """Where the export comes from: the run, the checkpoint chosen and why, the adapter folder."""
+    """Where the export comes from: the run (by name), the checkpoint chosen and why, the adapter folder (both
+    relative to the run)."""
     inputs = plan.inputs
     return {
-        "run": str(inputs.run.resolve()),
+        "run": inputs.run.resolve().name,
         "checkpoint": {
             "path": _relative(inputs.checkpoint, inputs.run),
             "format": plan.checkpoint_format,
@@ -91,12 +97,14 @@ class Manifest:
     source: dict[str, Any]
     wrappers: dict[str, Any]
     engine: str
+    merged_on: dict[str, str]  # {"device": "cpu"} or {"device": "cuda", "gpu": "NVIDIA H100 ..."}
     created: str
     adapter: dict[str, Any] | None
     components: dict[str, Any]
     keys: dict[str, Any]
     verification: dict[str, Any] | None
     versions: dict[str, str]
+    adapter_out: dict[str, Any] | None = None  # --adapter-out: the PEFT folder written beside the export
     files: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     format: str = MANIFEST_FORMAT
 
@@ -108,8 +116,21 @@ class Manifest:
         (folder / MANIFEST).write_text(json.dumps(self.as_json(), indent=2) + "\n")
 
 
-def build_manifest(plan: Plan, results: list[PartResult], identity: dict[str, Any], verified: bool) -> Manifest:
-    """``identity``: the checkpoint's ``identity`` record, and its ``sha256`` where it was computed."""
+def device_record(device: Any) -> dict[str, str]:
+    """Where the merge ran: ``{"device": "cpu"}``, or the GPU's name with ``cuda``."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return {"device": "cuda", "gpu": torch.cuda.get_device_name(device)}
+    return {"device": device.type}
+
+
+def build_manifest(
+    plan: Plan, results: list[PartResult], identity: dict[str, Any], verified: bool, device: Any = "cpu"
+) -> Manifest:
+    """``identity``: the checkpoint's ``identity`` record, and its ``sha256`` where it was computed; ``device``:
+    where the merge ran."""
     source = source_record(plan)
     source["checkpoint"].update(identity)
     adapter = next((r.part.lora.facts() for r in results if r.part.lora is not None), None)
@@ -127,6 +148,9 @@ def build_manifest(plan: Plan, results: list[PartResult], identity: dict[str, An
         if r.part.base is not None:
             entry["copied_from_base"] = list(r.copied_from_base)
             entry["base_config_from"] = r.part.base.found_by
+            if r.part.base.revision:
+                entry["base_revision"] = r.part.base.revision
+        entry.update(r.release)
         if r.part.vocab_resized is not None:
             entry["vocab_size_changed"] = r.part.vocab_resized
         components[r.part.name] = entry
@@ -135,6 +159,7 @@ def build_manifest(plan: Plan, results: list[PartResult], identity: dict[str, An
         source=source,
         wrappers=wrappers_record(plan),
         engine=plan.engine,
+        merged_on=device_record(device),
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         adapter=adapter,
         components=components,
@@ -144,49 +169,123 @@ def build_manifest(plan: Plan, results: list[PartResult], identity: dict[str, An
     )
 
 
+def base_license(plan: Plan) -> str | None:
+    """The license a base's own model card states (its README.md front matter), the language model's first."""
+    from huggingface_hub import ModelCard
+
+    parts = sorted((p for p in plan.parts if p.base is not None), key=lambda p: p.comp.kind != "hf_causal_lm")
+    for part in parts:
+        card = part.base.path / MODEL_CARD
+        if not card.is_file():
+            continue
+        try:
+            license_ = ModelCard.load(card).data.license
+        except Exception as exc:  # a base's card that does not parse only costs the license line
+            log.debug("%s: no license read (%s)", card, exc)
+            continue
+        if license_:
+            return str(license_)
+    return None
+
+
+def how_to_load(plan: Plan) -> str:
+    """Python that loads every part of the export from its folder: the Hugging Face parts with their Auto classes
+    (tokenizer and image processor included), the others as state_dicts for the training project's modules."""
+    classes: set[str] = set()
+    body = ['root = Path("EXPORT")  # this folder, e.g. huggingface_hub.snapshot_download("<repo id>")']
+    for part in plan.parts:
+        folder = f'root / "{part.out}"' if part.out else "root"
+        var = part.name if part.name.isidentifier() else "part"
+        if part.auto_class is None:
+            body.append(f'{var}_state = load_file({folder} / "{WEIGHTS}")  # {var}.load_state_dict(...) in the project')
+            continue
+        classes.add(part.auto_class)
+        body.append(f"{var} = {part.auto_class}.from_pretrained({folder})")
+        if part.tokenizer is not None or "tokenizer_config.json" in part.support_files:
+            classes.add("AutoTokenizer")
+            body.append(f"tokenizer = AutoTokenizer.from_pretrained({folder})")
+        if "preprocessor_config.json" in part.support_files:
+            classes.add("AutoImageProcessor")
+            body.append(f"image_processor = AutoImageProcessor.from_pretrained({folder})")
+    imports = ["from pathlib import Path", ""]
+    if any(p.auto_class is None for p in plan.parts):
+        imports.append("from safetensors.torch import load_file")
+    if classes:
+        imports.append(f"from transformers import {', '.join(sorted(classes))}")
+    return "\n".join([*imports, "", *body])
+
+
 def write_model_card(folder: Path, manifest: Manifest, plan: Plan) -> None:
-    """README.md with YAML front matter (huggingface_hub's ModelCard) and the provenance."""
+    """README.md (huggingface_hub's ModelCard): front matter with the bases, the library, tags and the base's
+    license; what the export holds, how to load it, and where it came from."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    lm = next((p for p in plan.parts if p.comp.kind == "hf_causal_lm"), None)
-    # A hub id is a valid base_model; a local folder is not.
-    base_id = lm.base.hub_id if lm is not None and lm.base is not None else None
+    parts = sorted(plan.parts, key=lambda p: p.comp.kind != "hf_causal_lm")
+    bases = list(dict.fromkeys(p.base.name for p in parts if p.base is not None))
+    tags = ["ckpt2hf", "lora-merged" if manifest.adapter else "fine-tuned", "peft", "lightning"]
+    if len(plan.parts) > 1:
+        vision = any(hasattr(p.config, "image_size") for p in plan.parts if p.config is not None)
+        tags.append("vision-language" if vision else "multi-part")
     data = ModelCardData(
-        base_model=base_id, library_name="transformers", tags=["ckpt2hf", "lora-merged", "peft", "lightning"]
+        base_model=(bases[0] if len(bases) == 1 else bases) or None,
+        library_name="transformers",
+        license=base_license(plan),
+        tags=tags,
     )
     src = manifest.source["checkpoint"]
     adapter = manifest.adapter or {}
     rows = "\n".join(
-        f"| `{name}` | `{c['path']}` | {c['kind']} | {c['tensors']} | {', '.join(c['dtypes'])} |"
+        f"| `{name}` | `{c['path']}/` | {c.get('base', '-')} | {c['tensors']} | {', '.join(c['dtypes'])} |"
         for name, c in manifest.components.items()
     )
-    lora = (
-        (
-            f"LoRA adapter `{adapter['name']}` (r={adapter['r']}, alpha={adapter['alpha']}, "
-            f"rsLoRA={adapter['use_rslora']}, DoRA={adapter['use_dora']}) merged with PEFT's `merge_and_unload`; "
-            f"tensors from the {adapter['tensors_from']}, config from {adapter['config_from']}."
+    if adapter:
+        lora = (
+            f"LoRA adapter `{adapter['name']}`: r={adapter['r']}, alpha={adapter['alpha']}, target modules "
+            f"{', '.join(f'`{t}`' for t in adapter['target_modules']) or '-'}, modules to save "
+            f"{', '.join(f'`{t}`' for t in adapter['modules_to_save']) or 'none'} (rsLoRA {adapter['use_rslora']}, "
+            f"DoRA {adapter['use_dora']}); merged with PEFT's `merge_and_unload` ({manifest.engine} engine, on "
+            f"{manifest.merged_on.get('gpu') or manifest.merged_on['device']}); tensors from the "
+            f"{adapter['tensors_from']}, config from {adapter['config_from']}."
         )
-        if adapter
-        else "No LoRA adapter was present."
-    )
+    else:
+        lora = "No LoRA adapter was present; the weights are the checkpoint's."
     identified = (
         f"sha256 `{src['sha256']}`"
         if "sha256" in src
-        else f"identity `{src['identity']['digest']}`, the " + src["identity"]["method"]
+        else f"identity `{src['identity']['digest']}` ({src['identity']['method']})"
+    )
+    version = manifest.versions.get("ckpt2hf", "unknown")
+    run = (
+        f"Run `{manifest.source['run']}`, checkpoint `{src['path']}` ({src['format']}): epoch {src['epoch']}, "
+        f"global step {src['global_step']}; {identified}."
+    )
+    listed = (
+        f"`{MANIFEST}` lists every file with its sha256 (`ckpt2hf verify` checks them), the key accounting and the "
+        "verification figures."
     )
     content = f"""---
 {data.to_yaml()}
 ---
 
-# Export of a Lightning run
+# {manifest.source["run"]}
 
-Converted by ckpt2hf from `{src["path"]}` (epoch {src["epoch"]}, global step {src["global_step"]},
-{identified}). {lora}
+A Lightning run's fine-tune, exported by ckpt2hf {version}: each part is a folder of its own, plain Hugging Face
+weights with no PEFT needed to load them.
 
-| component | folder | kind | tensors | dtypes |
+| part | folder | base | tensors | dtypes |
 |---|---|---|---|---|
 {rows}
 
-`{MANIFEST}` lists every file with its sha256, the key accounting and the verification figures.
+## How to load
+
+```python
+{how_to_load(plan)}
+```
+
+## Provenance
+
+- {run}
+- {lora}
+- {listed}
 """
     ModelCard(content).save(folder / MODEL_CARD)

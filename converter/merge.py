@@ -98,13 +98,15 @@ def describe_model(
             return ModelShape(plain, embed, head, None, {}, resized)
         try:
             peft = PeftModel(model, copy.deepcopy(lora_config), adapter_name=adapter_name)
-        except (ValueError, KeyError, TypeError) as exc:  # e.g. target modules that match nothing in this model
+        except Exception as exc:  # PEFT applying the adapter's config is the last step of reading it: untrusted
+            # e.g. target modules that match nothing in this model, or a value PEFT does not implement (bias "oone")
             targets = lora_config.target_modules
             targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
-            said = str(exc).split(". ")[0][:160]
+            said = f"{type(exc).__name__}: {str(exc).split('. ')[0][:160].rstrip('.')}"
             raise ConvertError(
-                f"{where}: PEFT cannot apply the adapter's config to the base model (target_modules {targets}: "
-                f"{said}); the adapter_config.json belongs to another model: pass --adapter-dir with the run's own"
+                f"{where}: PEFT cannot apply the adapter's config to the base model ({said}; target_modules "
+                f"{targets}); the adapter_config.json is damaged or belongs to another model: pass --adapter-dir with "
+                "the run's own"
             ) from exc
     layers = {}
     for module in merged:

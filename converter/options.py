@@ -32,4 +32,5 @@ class ConvertOptions:
     qlora_base: str = "base"  # base: a QLoRA run's base weights from the base model; dequantized: from the run
     chunk_bytes: int = CHUNK_BYTES  # pieces the engines read and write at a time
     pool_bytes: int = POOL_BYTES  # buffers the reader keeps for reuse
+    adapter_out: Path | None = None  # also write the run's adapter as a clean PEFT folder here
     source_sha256: bool = False  # also hash every byte of the checkpoint (default: its zip records identify it)

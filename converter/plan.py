@@ -195,7 +195,7 @@ class PartPlan:
             "bytes": sum(t.nbytes for t in tensors),
         }
         if self.base is not None:
-            out["base"] = str(self.base.path)
+            out["base"] = self.base.name
             out["tie_word_embeddings"] = self.tied
         if self.tokenizer is not None:
             out["tokenizer"] = self.tokenizer.record()

@@ -23,6 +23,35 @@ if TYPE_CHECKING:  # the CLI checks OUT with refuse_existing before torch is imp
 log = logging.getLogger(__name__)
 
 
+@contextmanager
+def out_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out`` while a conversion writes it: a second convert with the same OUT, started
+    meanwhile (two terminals, a batch script with a typo), stops with one line instead of replacing the first one's
+    export. The lock is a hidden file beside OUT, removed when the conversion ends (filelock tolerates that)."""
+    from filelock import FileLock, Timeout
+
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConvertError(f"{out.parent}: cannot create the output's parent folder ({exc.strerror})") from exc
+    path = out.parent / f".{out.name}.ckpt2hf-lock"
+    lock = FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise ConvertError(
+            f"{out}: another ckpt2hf convert is writing this export now; wait for it to finish or choose another --out"
+        ) from None
+    except OSError as exc:
+        raise ConvertError(f"{out.parent}: cannot write here ({exc.strerror}); choose another --out") from exc
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still held: a waiting process then finds the inode unlinked
+        lock.release()
+
+
 def refuse_existing(out: Path, force: bool) -> None:
     """An existing OUT is replaced only with ``force``."""
     if out.exists() and not force:

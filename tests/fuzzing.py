@@ -319,11 +319,18 @@ def main() -> None:  # pragma: no cover - the long run, outside the test suite
             case = seed(start + round_)(settings(ROUND)(case))
             try:
                 case()
-            except Broken:
-                plan_, why = failing[-1]  # hypothesis replays the shrunk case last
-                found += 1
-                _save(args.crashes, target, original, plan_, why)
-                print(f"BROKEN {target.name}: {why.splitlines()[0]}", flush=True)
+            except Exception as exc:  # Broken, or a group of them: hypothesis found several distinct failures
+                if not isinstance(exc, Broken) and not hasattr(exc, "exceptions"):
+                    raise
+                shrunk = {}  # hypothesis replays each distinct failure, shrunk, last
+                for plan_, why in failing:
+                    shrunk[why.splitlines()[0]] = (plan_, why)
+                distinct = getattr(exc, "exceptions", [exc])
+                for failure in distinct:
+                    plan_, why = shrunk[str(failure).splitlines()[0]]
+                    found += 1
+                    _save(args.crashes, target, original, plan_, why)
+                    print(f"BROKEN {target.name}: {why.splitlines()[0]}", flush=True)
             if time.monotonic() >= deadline:
                 break
         round_ += 1

@@ -32,6 +32,7 @@ def test_export_layout(pano_export):
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert files == [
         "README.md",
+        "language_model/chat_template.jinja",
         "language_model/config.json",
         "language_model/generation_config.json",
         "language_model/model.safetensors",
@@ -42,6 +43,7 @@ def test_export_layout(pano_export):
         "resampler/model.safetensors",
         "vision_encoder/config.json",
         "vision_encoder/model.safetensors",
+        "vision_encoder/preprocessor_config.json",
     ]
     assert not [p for p in out.parent.iterdir() if "ckpt2hf-tmp" in p.name]
 
@@ -286,4 +288,5 @@ def test_hub_id_resolved_from_the_local_cache(pano_run, tmp_path, monkeypatch):
     manifest = run_convert(run, tmp_path / "out")
     lm = manifest["components"]["language_model"]
     assert lm["base_config_from"] == "hyper_parameters.language_model_name (Hugging Face cache)"
-    assert "base_model: someorg/tiny-qwen3" in (tmp_path / "out" / "README.md").read_text()
+    assert (lm["base"], lm["base_revision"]) == ("someorg/tiny-qwen3", "a" * 40)
+    assert "base_model:\n- someorg/tiny-qwen3\n" in (tmp_path / "out" / "README.md").read_text()

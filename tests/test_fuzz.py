@@ -13,7 +13,7 @@ import pytest
 from fuzzing import DAMAGE, TARGETS, check, damage, plan_from_json, prepare
 from hypothesis import HealthCheck, given, settings
 
-from helpers import refused
+from helpers import cli, refused
 
 SEEDED = settings(derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 REGRESSIONS = Path(__file__).parent / "fuzz_regressions"  # make fuzz's findings, replayed (see README)
@@ -121,6 +121,25 @@ def test_a_zip_entry_name_that_is_not_utf8(pano_run, tmp_path, capsys):
         f"ckpt2hf: error: {ckpt}: not a readable PyTorch checkpoint ('utf-8' codec can't decode byte 0xff in "
         "position 0: invalid start byte); the file may be truncated or corrupt"
     )
+
+
+def test_an_adapter_config_value_peft_does_not_implement(pano_run, tmp_path, capsys):
+    """Found by make fuzz (seed 466897041, after 12,600 cases): one bit flipped in ``"bias": "none"`` made PEFT raise
+    NotImplementedError ("Requested bias: oone") while applying the config. (An explicit test: the offset of that
+    byte depends on the base's path, which the adapter config records.)"""
+    run = tmp_path / "run"
+    shutil.copytree(pano_run, run)
+    path = run / "lora_weights" / "adapter_config.json"
+    path.write_text(path.read_text().replace('"bias": "none"', '"bias": "oone"'))
+    reason = (
+        f"{run / 'checkpoints' / 'last.ckpt'} (language_model): PEFT cannot apply the adapter's config to the base "
+        "model (NotImplementedError: Requested bias: oone, is not implemented; target_modules ['down_proj', "
+        "'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj']); the adapter_config.json is damaged or "
+        "belongs to another model: pass --adapter-dir with the run's own"
+    )
+    assert refused(capsys, run, tmp_path) == f"ckpt2hf: error: {reason}"
+    code, stdout, _ = cli(capsys, "inspect", run)  # inspect explains the run, and says why convert would stop
+    assert code == 0 and f"  - convert would stop: {reason}" in stdout.splitlines()
 
 
 @pytest.mark.parametrize("found", sorted(REGRESSIONS.glob("*.json")), ids=lambda p: p.stem)

@@ -47,7 +47,10 @@ def _export_logits(out, pixel_values, input_ids):
     return vlm.eval()(pixel_values, input_ids)
 
 
-@pytest.mark.parametrize("name", [n for n in VARIANTS if n != "hydra-env"])  # it asks for --base: test_hparams
+ADAPTER_OUT = ("added-tokens", "whole-vlm")  # converted with --adapter-out too
+
+
+@pytest.mark.parametrize("name", [n for n in VARIANTS if n not in ("hydra-env", "tiny-delta")])  # see their tests
 def test_converts_by_default_and_matches_the_trained_model(name, variant_runs, exports, capsys, tmp_path):
     """Converted with no options (the full engine, verification on): a clean load and the trained model's logits;
     the streaming engine writes the same."""
@@ -55,6 +58,8 @@ def test_converts_by_default_and_matches_the_trained_model(name, variant_runs, e
     argv = ["convert", run, "--out", out, "--quiet"]
     if name == "qlora":  # the base weights as the trained model saw them: the run's own, dequantized
         argv += ["--qlora-base", "dequantized"]
+    if name in ADAPTER_OUT:
+        argv += ["--adapter-out", out.with_name(f"{name}-adapter")]
     code, _, stderr = cli(capsys, *argv)
     assert code == 0, stderr
     assert load_report(out / "language_model")[1] == CLEAN
@@ -66,6 +71,45 @@ def test_converts_by_default_and_matches_the_trained_model(name, variant_runs, e
     assert float((got - trained["logits"]).abs().max()) <= tolerance * scale
     qlora = {"qlora_base": "dequantized"} if name == "qlora" else {}
     assert_engines_agree(run, tmp_path, full=out, **qlora)
+
+
+@pytest.mark.parametrize("name", ADAPTER_OUT)
+def test_adapter_out_rebuilds_the_unmerged_model(name, variant_runs, exports):
+    """PeftModel.from_pretrained(base, DIR) on the base as training prepared it (resized to the run's tokenizer)
+    gives the trained model's logits; the run's tokenizer ships in DIR."""
+    from peft import PeftModel
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    run, out = variant_runs[name], exports[name]
+    adapter = out.with_name(f"{name}-adapter")
+    if name == "whole-vlm":  # LoRA in two parts: a PEFT folder each (the vision LoRA is merged in the export)
+        assert sorted(p.name for p in adapter.iterdir()) == ["language_model", "vision_encoder"]
+        adapter = adapter / "language_model"
+    hparams = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)["hyper_parameters"]
+    base = AutoModelForCausalLM.from_pretrained(hparams["language_model_name"], dtype=torch.float32)
+    if name == "added-tokens":
+        assert (adapter / "tokenizer.json").is_file()
+        base.resize_token_embeddings(len(AutoTokenizer.from_pretrained(adapter)), pad_to_multiple_of=64)
+    lm = PeftModel.from_pretrained(base, adapter).eval()
+    vlm = VLM(AutoModel.from_pretrained(out / "vision_encoder").eval(), lm)
+    vlm.resampler.load_state_dict(load_file(out / "resampler" / "model.safetensors"))
+    vlm.projector.load_state_dict(load_file(out / "projector" / "model.safetensors"))
+    trained = torch.load(run / "trained_logits.pt", weights_only=True)
+    with torch.no_grad():
+        got = vlm.eval()(trained["pixel_values"], trained["input_ids"])
+    torch.testing.assert_close(got, trained["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_a_delta_below_bfloat16_resolution_is_reported(variant_runs, tmp_path, caplog):
+    """A run whose LoRA barely moved the weights, exported in bfloat16: the precision report says the delta is
+    gone, a warning per tensor names it."""
+    with caplog.at_level("WARNING", logger="converter.precision"):
+        manifest = run_convert(variant_runs["tiny-delta"], tmp_path / "out", dtype="bfloat16")
+    report = manifest["components"]["language_model"]["precision"]
+    assert report["tensors"] == len(report["over_threshold"]) == 14
+    assert report["median_delta_error"] > 0.9 and report["rounded_away"] > 0.9
+    warned = [r.getMessage().split(" loses ")[0] for r in caplog.records if r.name == "converter.precision"]
+    assert warned == [f"language_model: {key}" for key in report["over_threshold"]]
 
 
 @pytest.mark.parametrize("name", ["added-tokens", "tokenizer-folder", "trainable-tokens"])
@@ -203,4 +247,6 @@ def test_an_adapter_config_whose_targets_match_nothing(variant_runs, tmp_path, c
     line = refused(capsys, run, tmp_path)
     assert line.startswith(f"ckpt2hf: error: {run / 'checkpoints' / 'last.ckpt'} (language_model): PEFT cannot apply ")
     assert "query_key_value" in line
-    assert line.endswith("the adapter_config.json belongs to another model: pass --adapter-dir with the run's own")
+    assert line.endswith(
+        "the adapter_config.json is damaged or belongs to another model: pass --adapter-dir with the run's own"
+    )

@@ -430,7 +430,7 @@ def _verify(capsys, out):
 
 def test_verify_accepts_an_untouched_export(export, capsys):
     code, lines, _ = _verify(capsys, export)
-    assert code == 0 and lines == [f"{export}: 17 files match manifest.json"]
+    assert code == 0 and lines == [f"{export}: 19 files match manifest.json"]
 
 
 def test_verify_catches_one_changed_byte(export, capsys):

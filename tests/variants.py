@@ -367,6 +367,7 @@ VARIANTS = {
         Variant("hydra-env", hparams="hydra-env", modules_to_save=None),
         Variant("namespace", hparams="namespace", modules_to_save=None),
         Variant("dataclass", hparams="dataclass", modules_to_save=None),
+        Variant("tiny-delta", lr=1e-6, modules_to_save=None),  # a delta below bfloat16's resolution of the weights
     )
 }  # fmt: skip
 

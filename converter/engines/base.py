@@ -21,6 +21,7 @@ class Written(ABC):
 
     part: PartPlan  # the plan as executed: a tie left to the merge is settled here
     hashes: dict[str, str]  # file name in the part's folder -> sha256, for files hashed while written
+    precision: dict[str, dict[str, float]]  # merged key -> how much of its LoRA delta survived the cast (precision)
 
     @abstractmethod
     def verify(self, folder: Path) -> dict[str, Any]:

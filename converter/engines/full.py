@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .. import checks
+from .. import checks, precision
 from ..errors import ConvertError, preview
 from ..merge import build_peft_model, merge_and_unload
 from ..plan import PartPlan
@@ -38,13 +38,33 @@ class FullEngine(Engine):
         if tie is not None and not tie.settled:  # LoRA on the embeddings: the merged values decide
             tie = settled_tie(tie, torch.equal(state[tie.head], state[tie.embed]), "after the merge")
             part = dataclasses.replace(part, tie=tie)
+        precision = self._precision(part, state)
         out = {}
         for t in part.tensors:
             source = self.sources.path(t.source) if t.source is not None else self._checkpoint_path(part)
             out[t.name] = cast_checked(t.name, state.pop(t.name), t.dtype, source).to("cpu").contiguous()
         state.clear()
         hashes = write_tensors(folder, part, out)
-        return FullWritten(part, hashes, self.sources, self.device, reference, probe)
+        return FullWritten(part, hashes, precision, self.sources, self.device, reference, probe)
+
+    def _precision(self, part: PartPlan, state: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+        """How much of each merged tensor's LoRA delta a 16-bit export keeps; the base values are read again from
+        their source, one tensor at a time."""
+        if part.lora is None:
+            return {}
+        layers = {layer.module: dict(layer.inputs) for layer in part.lora.layers}
+        figures = {}
+        for t in part.tensors:
+            if t.merged_from is None or not precision.wanted(t.dtype):
+                continue
+            ref = layers[t.merged_from].get(f"base_layer.{t.name.removeprefix(t.merged_from + '.')}")
+            if ref is None:
+                continue
+            before = self.sources.read(ref).to(self.device)
+            found = precision.measure(before, state[t.name], t.dtype)
+            if found is not None:
+                figures[t.name] = found
+        return figures
 
     def _checkpoint_path(self, part: PartPlan) -> Path:
         return self.sources.path(next(iter(part.inputs.values())))

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .. import checks
+from .. import checks, precision
 from ..errors import ConvertError
 from ..merge import build_peft_model, merge_layer
 from ..names import SAFETENSORS_METADATA
@@ -155,6 +155,7 @@ class _PartWriter:
         self.sources, self.device = engine.sources, engine.device
         self.generator = torch.Generator().manual_seed(1234)
         self.layer_checks: list[float] = []
+        self.precision: dict[str, dict[str, float]] = {}
         self.sha: dict[str, str] = {}
         self._merged: dict[str, torch.Tensor] = {}
         self.layers: dict[str, MergeLayer] = {}
@@ -211,12 +212,19 @@ class _PartWriter:
             if self.verify:
                 x = _probe(base, self.device, self.generator)
                 reference = module(x)
+            before = {  # the base values, where the precision report needs them (a 16-bit export)
+                pname: param.detach().clone()
+                for pname, param in base.named_parameters(recurse=False)
+                if precision.wanted(dtypes[f"{layer.module}.{pname}"])
+            }
             merge_layer(module, self.part.lora.adapter_name)
             written = set()  # storages that go to the writer, which releases them once written
             for pname, param in base.named_parameters(recurse=False):
                 key = f"{layer.module}.{pname}"
                 if keep is not None:
                     keep[key] = param.detach().to("cpu", copy=True)
+                if pname in before and (found := precision.measure(before.pop(pname), param, dtypes[key])):
+                    self.precision[key] = found
                 cast = cast_checked(key, param.detach(), dtypes[key], where)
                 self._merged[key] = cast
                 written.add(cast.untyped_storage().data_ptr())
@@ -265,7 +273,7 @@ class _PartWriter:
             raise
         bar.close()
         layout.write_index(folder)
-        return StreamingWritten(part, dict(self.sha), self.sources, self.device, self.layer_checks)
+        return StreamingWritten(part, dict(self.sha), self.precision, self.sources, self.device, self.layer_checks)
 
     def _sources(self, order: list[OutTensor]) -> Iterator[tuple[str, Any, bool]]:
         """What the writer consumes, in its order (runs on the read thread): ``(module, layer sources, True)`` once

@@ -1,0 +1,102 @@
+"""``--adapter-out DIR``: the run's adapter as a clean PEFT folder, for people who keep fine-tuning or serve
+adapters. PEFT's own ``get_peft_model_state_dict`` names the tensors (standard keys, no Lightning prefixes, no adapter
+name), so ``PeftModel.from_pretrained(base, DIR)`` rebuilds the unmerged model; ``adapter_config.json`` names the
+base (its hub id, else its folder's name). A run that added tokens also ships its tokenizer there, and its resized
+embeddings (the base has to be resized to ``len(tokenizer)`` rows before loading, as in training)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConvertError
+from .merge import _library_warnings_to_log, build_peft_model
+from .names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SAFETENSORS_METADATA
+from .plan import PartPlan, Plan
+from .sources import Sources
+from .vocab import BASE
+
+log = logging.getLogger(__name__)
+
+ADAPTER_MARKS = ("lora_", "modules_to_save", "trainable_tokens", "token_adapter")
+
+
+def _adapter_state(part: PartPlan, sources: Sources) -> dict[str, torch.Tensor]:
+    """The PEFT model's state that PEFT's own filter may keep: adapter tensors, saved modules and the embeddings
+    (read from the sources); the frozen weights of the other layers are not read."""
+    embeddings = [k.removesuffix(".weight") for k in (part.tie.embed, part.tie.head) if k] if part.tie else []
+    state = {}
+    for rel, ref in part.inputs.items():
+        if any(mark in rel for mark in ADAPTER_MARKS) or any(f".{m}." in f".{rel}" for m in embeddings):
+            state[rel] = sources.read(ref).contiguous()
+    return state
+
+
+def write_adapter(part: PartPlan, sources: Sources, folder: Path) -> list[str]:
+    """Write ``part``'s adapter into ``folder`` (which exists); returns the file names written."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    lora = part.lora
+    model = build_peft_model(part.auto_class, part.config, lora.config, lora.adapter_name, "meta")
+    config = copy.deepcopy(lora.config)
+    model.peft_config[lora.adapter_name] = offline = copy.deepcopy(config)
+    offline.base_model_name_or_path = None  # PEFT's "auto" then decides from the model alone, without the hub
+    resized = part.vocab_resized is not None
+    with _library_warnings_to_log():
+        tensors = get_peft_model_state_dict(
+            model,
+            state_dict=_adapter_state(part, sources),
+            adapter_name=lora.adapter_name,
+            save_embedding_layers=True if resized else "auto",
+        )
+    if not tensors:
+        raise ConvertError(f"{part.name}: PEFT found no adapter tensors to write for --adapter-out")
+    # PEFT may name one tensor twice (a saved module's weight and the resized embedding): one copy each, as PEFT's
+    # own save_pretrained writes them (safetensors refuses aliases).
+    tensors = {k: v.to("cpu").clone().contiguous() for k, v in tensors.items()}
+    config.base_model_name_or_path = part.base.name if part.base is not None else None
+    config.inference_mode = True
+    config.save_pretrained(folder)
+    weights = folder / ADAPTER_WEIGHTS[0]
+    save_file(tensors, weights, metadata=dict(SAFETENSORS_METADATA))
+    os.chmod(weights, (folder / ADAPTER_CONFIG).stat().st_mode & 0o666)  # save_file's 0600, like its neighbours
+    written = [ADAPTER_CONFIG, ADAPTER_WEIGHTS[0]]
+    if part.tokenizer is not None and part.tokenizer.found_by != BASE:
+        for name in part.tokenizer.files:
+            shutil.copyfile(part.tokenizer.path / name, folder / name)
+        written += list(part.tokenizer.files)
+    back = load_file(weights)
+    if back.keys() != tensors.keys() or any(not torch.equal(back[k], v) for k, v in tensors.items()):
+        raise ConvertError(f"{weights}: the adapter was not written exactly; the disk may be failing")
+    log.info("%s: adapter written to %s (%d tensors)", part.name, folder, len(tensors))
+    return written
+
+
+def adapter_parts(plan: Plan) -> list[PartPlan]:
+    """The parts with an adapter: one goes into DIR itself, several into DIR/<part folder>/."""
+    return [p for p in plan.parts if p.lora is not None]
+
+
+def write_adapters(plan: Plan, sources: Sources, root: Path) -> dict[str, Any]:
+    """Write every part's adapter under ``root``; returns the manifest's record (folders relative to ``root``)."""
+    parts = adapter_parts(plan)
+    if not parts:
+        raise ConvertError(f"{plan.inputs.checkpoint}: --adapter-out: the run has no LoRA adapter to write")
+    record = {}
+    for part in parts:
+        folder = root / part.out if len(parts) > 1 else root
+        folder.mkdir(parents=True, exist_ok=True)
+        files = write_adapter(part, sources, folder)
+        record[part.name] = {
+            "folder": folder.relative_to(root).as_posix() or ".",
+            "files": files,
+            "base": part.base.name if part.base else None,
+        }
+    return record

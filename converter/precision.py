@@ -1,0 +1,94 @@
+"""How much of the LoRA delta survives the cast to a 16-bit export.
+
+A merged weight is ``W + dW``; written in bfloat16 or float16 it becomes ``cast(W + dW)``, next to a base that a
+consumer knows as ``cast(W)``. What the export carries of the fine-tune is the difference of those two, against
+the ``dW`` that training produced. For each merged tensor:
+
+- ``delta_error``: ``|(cast(W + dW) - cast(W)) - dW| / |dW|`` (L2 norms): 0 is the delta carried exactly, 1 is as
+  much error as signal. With error orthogonal to the delta the shipped delta's cosine with the trained one is
+  ``1 / sqrt(1 + e**2)``: 0.89 at 0.5.
+- ``rounded_away``: the share of the elements the delta changes whose written value does not change at all.
+
+A tensor above ``WARN_DELTA_ERROR`` is a warning (see the README: the fine-tune in it is more than a third noise
+by norm; export it in float32, or keep the adapter with ``--adapter-out``).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+WARN_DELTA_ERROR = 0.5
+
+
+def wanted(dtype: torch.dtype) -> bool:
+    """Whether a merged tensor written in ``dtype`` is measured."""
+    return dtype in LOW_PRECISION
+
+
+def measure(before: torch.Tensor, after: torch.Tensor, dtype: torch.dtype) -> dict[str, float] | None:
+    """The figures of one merged tensor (``before``: the base weight, ``after``: merged, both in float32 on one
+    device); None when the merge changed nothing."""
+    before, after = before.float(), after.float()
+    delta = after - before
+    changed = delta != 0
+    n = int(changed.sum())
+    if n == 0:
+        return None
+    shipped = after.to(dtype).float() - before.to(dtype).float()
+    norm = float(torch.linalg.vector_norm(delta))
+    error = float(torch.linalg.vector_norm(shipped - delta)) / norm if norm > 0 else 0.0
+    rounded = int((changed & (shipped == 0)).sum())
+    return {"delta_error": round(error, 6), "rounded_away": round(rounded / n, 6), "changed": n}
+
+
+def summarize(part: str, dtype: torch.dtype, figures: dict[str, dict[str, float]]) -> dict[str, Any] | None:
+    """The manifest's record of a part (per-tensor figures included), with one log line and a warning per tensor
+    over the threshold; None when nothing was measured."""
+    if not figures:
+        return None
+    errors = {key: f["delta_error"] for key, f in figures.items()}
+    worst = max(errors, key=errors.get)
+    changed = sum(f["changed"] for f in figures.values())
+    rounded = sum(f["rounded_away"] * f["changed"] for f in figures.values()) / changed
+    over = sorted(k for k, e in errors.items() if e > WARN_DELTA_ERROR)
+    name = str(dtype).removeprefix("torch.")
+    log.info(
+        "%s: precision: %d merged tensors cast to %s keep their LoRA delta with a median error of %.1f%% (worst "
+        "%.1f%%, %s); %.1f%% of the changed elements round away",
+        part,
+        len(figures),
+        name,
+        100 * statistics.median(errors.values()),
+        100 * errors[worst],
+        worst,
+        100 * rounded,
+    )
+    for key in over:
+        log.warning(
+            "%s: %s loses much of its LoRA delta in %s (delta error %.0f%%, %.0f%% of changed elements rounded "
+            "away; threshold %.0f%%); export with --dtype float32 or keep the adapter with --adapter-out",
+            part,
+            key,
+            name,
+            100 * errors[key],
+            100 * figures[key]["rounded_away"],
+            100 * WARN_DELTA_ERROR,
+        )
+    return {
+        "dtype": name,
+        "tensors": len(figures),
+        "median_delta_error": round(statistics.median(errors.values()), 6),
+        "max_delta_error": errors[worst],
+        "worst": worst,
+        "rounded_away": round(rounded, 6),
+        "warn_above": WARN_DELTA_ERROR,
+        "over_threshold": over,
+        "per_tensor": figures,
+    }
