@@ -9,7 +9,7 @@ OUT ?=
 ARGS ?=
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv convert inspect test lint format clean bench fuzz
+.PHONY: venv convert inspect test test-consumers lint format clean bench fuzz
 
 venv: $(VENV)/.installed
 
@@ -37,8 +37,20 @@ inspect: venv
 	$(PY) -m converter inspect "$$run" $(ARGS)
 
 # The tests are offline by themselves (tests/conftest.py); the Makefile leaves the hub to the user.
-test: venv lint
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+test: venv lint $(LLAMA)/.prepared
+	$(PY) -m pytest -q -m "not consumers" $(PYTEST_ARGS)
+
+# llama.cpp's converter and vocabulary from llama-cpp-python's sdist, and the Qwen2 tokenizer (tests/consumers.py).
+LLAMA := build/llama.cpp
+$(LLAMA)/.prepared: tests/consumers.py | venv
+	HF_HUB_OFFLINE=1 $(PY) tests/consumers.py
+	touch $@
+
+# Not part of CI: builds llama-cpp-python (llama.cpp itself) from the same sdist -- 10 to 15 minutes on 2 cores --
+# and runs the GGUF of an export with it, against transformers on the export.
+test-consumers: venv $(LLAMA)/.prepared
+	$(PY) -c "import llama_cpp" 2>/dev/null || $(PY) -m pip install $(LLAMA)/llama_cpp_python-*.tar.gz
+	$(PY) -m pytest -q -m consumers tests/test_consumers.py $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check converter tests bench

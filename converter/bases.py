@@ -75,7 +75,7 @@ def resolve_base(
             local = run / value
         if (local / CONFIG).is_file():
             return BaseRef(local, f"hyper_parameters.{path}")
-        found_on_hub = _hub_snapshot(value, where, comp.name)
+        found_on_hub = _hub_snapshot(value, where, comp.name, path)
         if found_on_hub is not None:
             folder, how = found_on_hub
             return BaseRef(folder, f"hyper_parameters.{path} ({how})", hub_id=value, revision=folder.name)
@@ -89,7 +89,7 @@ def resolve_base(
     )
 
 
-def _hub_snapshot(repo_id: str, where: Path, comp: str) -> tuple[Path, str] | None:
+def _hub_snapshot(repo_id: str, where: Path, comp: str, hparam: str) -> tuple[Path, str] | None:
     """The snapshot folder of a hub id and how it was found: from the local cache, else (online) fetched -- only
     the configuration, tokenizer, processor and model card files, never weights. None: not a hub id, or offline and
     not cached. A fetch that fails is a ConvertError."""
@@ -112,8 +112,9 @@ def _hub_snapshot(repo_id: str, where: Path, comp: str) -> tuple[Path, str] | No
     except Exception as exc:  # network, authentication, not found: all the same to the user
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
         raise ConvertError(
-            f"{where}: the base of {comp}, {repo_id}, could not be fetched from the Hugging Face hub "
-            f"({type(exc).__name__}: {reason}); pass --base {comp}=PATH, or log in (hf auth login) for a gated model"
+            f"{where}: no config for {comp}: hyper_parameters.{hparam}={repo_id!r} is not a local folder, and "
+            f"fetching it from the Hugging Face hub failed ({type(exc).__name__}: {reason}); pass --base "
+            f"{comp}=PATH (a folder with config.json), or log in (hf auth login) for a gated model"
         ) from exc
     if not (path / CONFIG).is_file():
         raise ConvertError(f"{where}: {repo_id} on the Hugging Face hub has no config.json; pass --base {comp}=PATH")

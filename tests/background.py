@@ -1,6 +1,7 @@
-"""Runs that other processes train while the tests run: multi-GPU runs (two gloo ranks, tests/distributed.py) and
-the PEFT variants (tests/variants.py, trained by the last rank once its multi-GPU work is done, so that the libraries
-are imported by as few processes as possible). Their tests run last (tests/conftest.py)."""
+"""Runs that other processes train while the tests run: multi-GPU runs (two gloo ranks, tests/distributed.py), the
+PEFT variants (tests/variants.py, trained by the last rank once its multi-GPU work is done, so that the libraries
+are imported by as few processes as possible) and the consumer tests' export and GGUF (tests/consumers.py, made by
+the first rank). Their tests run last (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ def _main(rank: int, world: int, roots: dict[str, str], bases: list[str], port: 
         distributed.worker(rank, world, roots["distributed"], bases, port, (*distributed.SPECS, distributed.ONE_RANK))
     if "variants" in roots and rank == world - 1:
         variants.build_all(roots["variants"])
+    if "consumers" in roots and rank == 0:  # the first rank is free once its multi-GPU share is done
+        import consumers
+
+        consumers.build(roots["consumers"], bases[0])
 
 
 class Background:
@@ -36,4 +41,8 @@ class Background:
             self._done = True
         if kind == "distributed":
             return distributed.run_folders(self.roots[kind])
+        if kind == "consumers":
+            import consumers
+
+            return dict(zip(("export", "gguf_read"), consumers.outputs(self.roots[kind]), strict=True))
         return {name: self.roots[kind] / "runs" / name for name in variants.VARIANTS}

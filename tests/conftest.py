@@ -79,7 +79,7 @@ def pano_export(pano_run, tmp_path_factory):
     return out, run_convert(pano_run, out, engine="full", verify=True)
 
 
-BACKGROUND = ("distributed_runs", "variant_runs")  # fixtures trained by other processes while tests run
+BACKGROUND = ("distributed_runs", "variant_runs", "consumer_export")  # made by other processes while tests run
 
 
 def _needs(item, fixture: str) -> bool:
@@ -99,7 +99,7 @@ def _background(request, tmp_path_factory, bases):
         return None
     from background import Background
 
-    kinds = {"distributed_runs": "distributed", "variant_runs": "variants"}
+    kinds = {"distributed_runs": "distributed", "variant_runs": "variants", "consumer_export": "consumers"}
     return Background({kinds[f]: tmp_path_factory.mktemp(kinds[f]) for f in wanted}, bases)
 
 
@@ -113,3 +113,9 @@ def distributed_runs(_background) -> dict[str, Path]:
 def variant_runs(_background) -> dict[str, Path]:
     """PEFT runs made the ways real VLM projects make them (tests/variants.py)."""
     return _background.runs("variants")
+
+
+@pytest.fixture(scope="session")
+def consumer_export(_background) -> dict[str, Path]:
+    """A Qwen-vocabulary LoRA run's export and llama.cpp's GGUF of it (tests/consumers.py): {"export", "gguf"}."""
+    return _background.runs("consumers")

@@ -143,10 +143,10 @@ def test_an_adapter_config_value_peft_does_not_implement(pano_run, tmp_path, cap
 
 
 @pytest.mark.parametrize("found", sorted(REGRESSIONS.glob("*.json")), ids=lambda p: p.stem)
-def test_what_make_fuzz_found_stays_fixed(found, folders):
+def test_what_make_fuzz_found_stays_fixed(found, folders, distributed_folders):
     """Each input make fuzz saved (its damage, replayed on today's fixture) holds the property."""
     record = json.loads(found.read_text())
     target = TARGETS[record["target"]]
-    folder = folders[target.fixture]
+    folder = {**folders, **distributed_folders}[target.fixture]
     original = (folder / target.file).read_bytes()
     check(target, folder, original, plan_from_json(record["damage"]), cli=True)

@@ -193,10 +193,13 @@ def test_a_hub_id_not_cached_is_fetched_online_and_a_failed_fetch_is_one_line(pa
     monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "2")
     line = refused(capsys, run, tmp_path)
     assert line.startswith(
-        f"ckpt2hf: error: {run / 'checkpoints' / 'last.ckpt'}: the base of language_model, someorg/not-cached, could "
-        "not be fetched from the Hugging Face hub ("
+        f"ckpt2hf: error: {run / 'checkpoints' / 'last.ckpt'}: no config for language_model: "
+        "hyper_parameters.language_model_name='someorg/not-cached' is not a local folder, and fetching it from the "
+        "Hugging Face hub failed ("
     )
-    assert line.endswith("); pass --base language_model=PATH, or log in (hf auth login) for a gated model")
+    assert line.endswith(
+        "); pass --base language_model=PATH (a folder with config.json), or log in (hf auth login) for a gated model"
+    )
 
 
 def test_many_runs_convert_into_one_root_past_a_failure(pano_run, causal_lm_run, tmp_path, capsys):

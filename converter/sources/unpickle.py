@@ -460,6 +460,11 @@ def load_pickle(path: Path) -> Loaded:
 def _unpickle(path: Path, data: bytes, load_storage: Any) -> Any:
     unpickler = _Unpickler(io.BytesIO(data), _allowed_globals(), load_storage)
     try:
+        # pickletools walks every opcode first: a declared length beyond the data (a damaged BYTEARRAY8, say) is an
+        # error here, before the C unpickler tries to allocate it (it then fails with a MemoryError and CPython
+        # prints a stray "SystemError: deallocated bytearray object has exported buffers" to stderr).
+        for _ in pickletools.genops(data):
+            pass
         return unpickler.load()
     except ConvertError:
         raise
