@@ -12,9 +12,8 @@ SHARD_PATTERN = "model{suffix}.safetensors"  # huggingface_hub's filename_patter
 SAFETENSORS_METADATA = {"format": "pt"}  # what transformers expects in every safetensors header
 CONFIG = "config.json"
 
-# Files copied from a base folder when present: generation settings, tokenizer, processor.
-SUPPORT_FILES = (
-    "generation_config.json",
+# A tokenizer's files, and a processor's
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -24,9 +23,10 @@ SUPPORT_FILES = (
     "tokenizer.model",
     "chat_template.jinja",
     "chat_template.json",
-    "preprocessor_config.json",
-    "processor_config.json",
 )
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+# Files copied from a base folder when present: generation settings, tokenizer, processor.
+SUPPORT_FILES = ("generation_config.json", *TOKENIZER_FILES, *PROCESSOR_FILES)
 
 # A run
 CHECKPOINTS_DIR = "checkpoints"

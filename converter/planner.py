@@ -24,7 +24,7 @@ from .keymap import (
 from .layout import Component, LayoutConfig, load_layout
 from .lora import component_config, lora_config_from, pair_sources, refuse_reshaped
 from .merge import ModelShape, describe_model
-from .names import ADAPTER, CHECKPOINT, CONFIG, SUPPORT_FILES
+from .names import ADAPTER, CHECKPOINT, CONFIG, SUPPORT_FILES, TOKENIZER_FILES
 from .options import ConvertOptions
 from .plan import QLORA_BASES, LoraPlan, MergeLayer, OutTensor, PartPlan, Plan
 from .policy import check_fit, check_peft_fit, configured_tie, output_dtype, part_dtype, plan_tie
@@ -40,7 +40,7 @@ from .sources import (
 )
 from .sources import open_checkpoint as open_checkpoint_file
 from .sources.model_folder import open_model_folder
-from .vocab import TOKENIZER_FILES, check_tokenizer, find_tokenizer
+from .vocab import check_tokenizer, find_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -10,12 +10,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .names import CONFIG
+from .names import CONFIG, PROCESSOR_FILES
 from .plan import PartPlan
 
 log = logging.getLogger(__name__)
 
-PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 CHAT_TEMPLATE = "chat_template.jinja"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 GENERATION_CONFIG = "generation_config.json"

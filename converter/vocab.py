@@ -17,20 +17,10 @@ from typing import Any
 
 from .errors import ConvertError, preview, untrusted
 from .hparams import lookup
+from .names import TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 TOKENIZER_HPARAMS = ("tokenizer_name", "tokenizer_name_or_path", "tokenizer_path", "tokenizer")
 BASE = "the base model"
 

@@ -85,13 +85,20 @@ def _refused_by_both(capsys, run: Path, tmp_path: Path) -> str:
     return lines["convert"]
 
 
-def test_random_bytes_behind_a_pickle_header_read_as_a_legacy_checkpoint(pano_run, tmp_path, capsys):
-    """torch's weights-only unpickler raised IndexError ("pop from empty list") on a POP with nothing pushed."""
+def _refused_checkpoint(pano_run, tmp_path, capsys, edit) -> tuple[str, Path]:
+    """A copy of the run whose last.ckpt is ``edit(bytes)``: (the one line both convert and inspect give, its path)."""
     run = tmp_path / "run"
     shutil.copytree(pano_run, run)
     ckpt = run / "checkpoints" / "last.ckpt"
-    ckpt.write_bytes(b"\x80\x02t\x8a\x13random bytes")  # protocol 2, then TUPLE with no mark to pop
-    assert _refused_by_both(capsys, run, tmp_path) == (
+    ckpt.write_bytes(edit(ckpt.read_bytes()))
+    return _refused_by_both(capsys, run, tmp_path), ckpt
+
+
+def test_random_bytes_behind_a_pickle_header_read_as_a_legacy_checkpoint(pano_run, tmp_path, capsys):
+    """torch's weights-only unpickler raised IndexError ("pop from empty list") on a POP with nothing pushed."""
+    # protocol 2, then TUPLE with no mark to pop
+    line, ckpt = _refused_checkpoint(pano_run, tmp_path, capsys, lambda _: b"\x80\x02t\x8a\x13random bytes")
+    assert line == (
         f"ckpt2hf: error: {ckpt}: not a readable PyTorch checkpoint (legacy format) (IndexError: pop from empty "
         "list); the file may be truncated or corrupt"
     )
@@ -99,13 +106,14 @@ def test_random_bytes_behind_a_pickle_header_read_as_a_legacy_checkpoint(pano_ru
 
 def test_a_scrambled_zip_central_directory(pano_run, tmp_path, capsys):
     """zipfile raised NotImplementedError ("zip file version 11.1") for an entry's 'version needed to extract'."""
-    run = tmp_path / "run"
-    shutil.copytree(pano_run, run)
-    ckpt = run / "checkpoints" / "last.ckpt"
-    data = bytearray(ckpt.read_bytes())
-    struct.pack_into("<H", data, data.index(b"PK\x01\x02") + 6, 111)
-    ckpt.write_bytes(bytes(data))
-    assert _refused_by_both(capsys, run, tmp_path) == (
+
+    def version_111(data: bytes) -> bytes:
+        data = bytearray(data)
+        struct.pack_into("<H", data, data.index(b"PK\x01\x02") + 6, 111)
+        return bytes(data)
+
+    line, ckpt = _refused_checkpoint(pano_run, tmp_path, capsys, version_111)
+    assert line == (
         f"ckpt2hf: error: {ckpt}: not a readable PyTorch checkpoint (zip file version 11.1); the file may be "
         "truncated or corrupt"
     )
@@ -113,11 +121,8 @@ def test_a_scrambled_zip_central_directory(pano_run, tmp_path, capsys):
 
 def test_a_zip_entry_name_that_is_not_utf8(pano_run, tmp_path, capsys):
     """zipfile raised UnicodeDecodeError for a name flagged UTF-8 that is not."""
-    run = tmp_path / "run"
-    shutil.copytree(pano_run, run)
-    ckpt = run / "checkpoints" / "last.ckpt"
-    ckpt.write_bytes(damage(ckpt.read_bytes(), [("zip-name", 0)]))
-    assert _refused_by_both(capsys, run, tmp_path) == (
+    line, ckpt = _refused_checkpoint(pano_run, tmp_path, capsys, lambda data: damage(data, [("zip-name", 0)]))
+    assert line == (
         f"ckpt2hf: error: {ckpt}: not a readable PyTorch checkpoint ('utf-8' codec can't decode byte 0xff in "
         "position 0: invalid start byte); the file may be truncated or corrupt"
     )
