@@ -4,6 +4,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
 EXAMPLE_ROOT := build/example
+LLAMA := build/llama.cpp
 RUN ?=
 OUT ?=
 ARGS ?=
@@ -41,7 +42,6 @@ test: venv lint $(LLAMA)/.prepared
 	$(PY) -m pytest -q -m "not consumers" $(PYTEST_ARGS)
 
 # llama.cpp's converter and vocabulary from llama-cpp-python's sdist, and the Qwen2 tokenizer (tests/consumers.py).
-LLAMA := build/llama.cpp
 $(LLAMA)/.prepared: tests/consumers.py | venv
 	HF_HUB_OFFLINE=1 $(PY) tests/consumers.py
 	touch $@
