@@ -6,6 +6,7 @@ Bad input (a ConvertError) is one line on stderr and exit code 2; ``--debug`` sh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -291,7 +292,7 @@ def _options(args: argparse.Namespace, run: Path, out: Path | None) -> Any:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .writer import refuse_existing
+    from .writer import out_lock, refuse_existing
 
     batch = args.out_root is not None or len(args.run) > 1
     if batch and args.out is not None:
@@ -302,12 +303,14 @@ def _convert(args: argparse.Namespace) -> int:
         raise ConvertError("--dry-run plans one run; run it for each run on its own")
     if batch:
         return _convert_batch(args)
-    if args.out is not None and not args.dry_run:
-        refuse_existing(args.out, args.force)  # at once, before the heavy imports
-    from .convert import convert
+    with contextlib.ExitStack() as held:
+        if args.out is not None and not args.dry_run:  # at once, before the heavy imports
+            refuse_existing(args.out, args.force)
+            held.enter_context(out_lock(args.out))
+        from .convert import convert
 
-    opts = _options(args, args.run[0], args.out)
-    result = convert(opts)
+        opts = _options(args, args.run[0], args.out)
+        result = convert(opts)
     if args.json:
         print(json.dumps(result, indent=2))
     elif opts.dry_run:

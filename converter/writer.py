@@ -31,11 +31,15 @@ def out_lock(out: Path) -> Iterator[None]:
     from filelock import FileLock, Timeout
 
     out = Path(out)
+    path = out.parent / f".{out.name}.ckpt2hf-lock"
+    key = str(path.resolve())
+    if key in _HELD:  # this process holds it already (the command line takes it before the heavy imports)
+        yield
+        return
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConvertError(f"{out.parent}: cannot create the output's parent folder ({exc.strerror})") from exc
-    path = out.parent / f".{out.name}.ckpt2hf-lock"
     lock = FileLock(path, timeout=0)
     try:
         lock.acquire()
@@ -45,11 +49,16 @@ def out_lock(out: Path) -> Iterator[None]:
         ) from None
     except OSError as exc:
         raise ConvertError(f"{out.parent}: cannot write here ({exc.strerror}); choose another --out") from exc
+    _HELD.add(key)
     try:
         yield
     finally:
+        _HELD.discard(key)
         path.unlink(missing_ok=True)  # while still held: a waiting process then finds the inode unlinked
         lock.release()
+
+
+_HELD: set[str] = set()  # the locks this process holds
 
 
 def refuse_existing(out: Path, force: bool) -> None:

@@ -5,40 +5,59 @@ the first rank). Their tests run last (tests/conftest.py)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import distributed
 import variants
 
+DONE = ".done-{rank}"  # written into a kind's root by each rank that finished its share of it
+
 
 def _main(rank: int, world: int, roots: dict[str, str], bases: list[str], port: int) -> None:
+    # Below the test process in priority: its tests are the critical path; this work fills the idle cores, and has
+    # them all once the tests that wait for it are reached (they run last).
+    os.nice(10)
     if "distributed" in roots:
         distributed.worker(rank, world, roots["distributed"], bases, port, (*distributed.SPECS, distributed.ONE_RANK))
+        _done(roots["distributed"], rank)
     if "variants" in roots and rank == world - 1:
         variants.build_all(roots["variants"])
+        _done(roots["variants"], 0)
     if "consumers" in roots and rank == 0:  # the first rank is free once its multi-GPU share is done
         import consumers
 
         consumers.build(roots["consumers"], bases[0])
+        _done(roots["consumers"], 0)
+
+
+def _done(root: str, rank: int) -> None:
+    (Path(root) / DONE.format(rank=rank)).touch()
 
 
 class Background:
-    """Start training now; ``runs(kind)`` waits for them and returns name -> run folder."""
+    """Start training now; ``runs(kind)`` waits for that kind's work (not the others') and returns name -> run
+    folder."""
 
     def __init__(self, roots: dict[str, Path], bases: tuple[Path, Path]) -> None:
         import torch.multiprocessing as mp
 
         self.roots = {kind: Path(root) for kind, root in roots.items()}
-        world = distributed.WORLD if "distributed" in roots else 1
-        args = (world, {k: str(v) for k, v in roots.items()}, [str(b) for b in bases], distributed.free_port())
-        self._context = mp.start_processes(_main, args=args, nprocs=world, join=False, start_method="spawn")
-        self._done = False
+        self.world = distributed.WORLD if "distributed" in roots else 1
+        args = (self.world, {k: str(v) for k, v in roots.items()}, [str(b) for b in bases], distributed.free_port())
+        self._context = mp.start_processes(_main, args=args, nprocs=self.world, join=False, start_method="spawn")
+        self._finished = False
+
+    def _wait(self, kind: str) -> None:
+        ranks = range(self.world) if kind == "distributed" else [0]
+        markers = [self.roots[kind] / DONE.format(rank=rank) for rank in ranks]
+        while not all(m.is_file() for m in markers):
+            if self._finished:  # every process ended (join raises for one that failed)
+                raise RuntimeError(f"the background processes ended without finishing {kind}")
+            self._finished = self._context.join(timeout=0.2)
 
     def runs(self, kind: str) -> dict[str, Path]:
-        if not self._done:
-            while not self._context.join():
-                pass
-            self._done = True
+        self._wait(kind)
         if kind == "distributed":
             return distributed.run_folders(self.roots[kind])
         if kind == "consumers":
