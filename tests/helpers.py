@@ -55,6 +55,19 @@ def cli_subprocess(*argv: str, python: tuple[str, ...] = ()) -> subprocess.Compl
     return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
 
 
+class Started:
+    """``python [PYTHON] -m converter ARGV`` started now, in a fresh process; ``result()`` waits for it. A module
+    starts its slow command-line runs this way at its first test, so that they run beside its other tests."""
+
+    def __init__(self, *argv: str, python: tuple[str, ...] = ()) -> None:
+        command = [sys.executable, *python, "-m", "converter", *map(str, argv)]
+        self._proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+
+    def result(self) -> subprocess.CompletedProcess:
+        stdout, stderr = self._proc.communicate(timeout=300)
+        return subprocess.CompletedProcess(self._proc.args, self._proc.returncode, stdout, stderr)
+
+
 def tree_digest(root: Path) -> dict[str, str]:
     """sha256 of every file under ``root``: to assert that sources are untouched."""
     return {

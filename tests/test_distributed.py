@@ -12,6 +12,7 @@ from converter.inspection import inspect_run
 
 from distributed import trained_logits_path
 from helpers import (
+    Started,
     assert_engines_agree,
     assert_same_tensors,
     cli,
@@ -146,27 +147,17 @@ def test_inspect_explains_each_format(distributed_runs, pano_run):
     }
 
 
-def test_a_real_process_converts_without_deepspeed_and_fails_without_a_traceback(distributed_runs, tmp_path):
-    """What a user sees: a JSON summary on stdout; deepspeed is never imported and the zero_to_fp32.py DeepSpeed
-    left in the folder never runs; a second convert to the same OUT fails with one line and no traceback."""
+@pytest.fixture(scope="module", autouse=True)
+def real_process(distributed_runs, tmp_path_factory):
+    """A ZeRO-3 run converted by ``ckpt2hf`` in a process of its own, started at the module's first test (it runs
+    beside the others); the folder holds a zero_to_fp32.py that would leave a marker if it ran."""
+    tmp_path = tmp_path_factory.mktemp("real-process")
     run = tmp_path / "run"
     shutil.copytree(distributed_runs["zero3"], run)
     marker = tmp_path / "ran"
     (run / "checkpoints" / "last.ckpt" / "zero_to_fp32.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
-    ok = cli_subprocess("convert", run, "--out", tmp_path / "out", "--json", python=("-X", "importtime"))
-    assert ok.returncode == 0, ok.stderr[-2000:]
-    assert json.loads(ok.stdout)["verification"]["language_model"]["loads_clean"] is True
-    imported = {line.rsplit("|", 1)[-1].strip() for line in ok.stderr.splitlines() if line.startswith("import time:")}
-    assert "torch" in imported and "peft" in imported
-    # deepspeed is never needed; bitsandbytes, which PEFT imports where installed, only by --qlora-base dequantized
-    # (PEFT's attempt shows as the bare name, found unavailable in microseconds; a real import loads its modules)
-    assert not {m for m in imported if m.split(".")[0] == "deepspeed" or m.startswith("bitsandbytes.")}
-    assert not marker.exists()
-    bad = cli_subprocess("convert", run, "--out", tmp_path / "out", "--quiet")
-    assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines() == [
-        f"ckpt2hf: error: {tmp_path / 'out'}: already exists; pass --force to replace it or choose another --out"
-    ]
+    started = Started("convert", run, "--out", tmp_path / "out", "--json", python=("-X", "importtime"))
+    return run, tmp_path, started
 
 
 def test_the_newest_checkpoint_by_step_among_files_and_folders(distributed_runs, pano_run, tmp_path, capsys):
@@ -312,3 +303,24 @@ def test_a_flipped_byte_in_a_partition_fails_its_crc(name, distributed_runs, tmp
     line = refused(capsys, run, tmp_path, "--lora-from", "checkpoint")
     assert line.startswith(f"ckpt2hf: error: {part.path}: tensor data in ")
     assert "fails its CRC-32 check (stored " in line and line.endswith("the file is corrupt; re-copy it")
+
+
+def test_a_real_process_converts_without_deepspeed_and_fails_without_a_traceback(real_process):
+    """What a user sees: a JSON summary on stdout; deepspeed is never imported and the zero_to_fp32.py DeepSpeed
+    left in the folder never runs; a second convert to the same OUT fails with one line and no traceback."""
+    run, tmp_path, started = real_process
+    marker = tmp_path / "ran"
+    ok = started.result()
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert json.loads(ok.stdout)["verification"]["language_model"]["loads_clean"] is True
+    imported = {line.rsplit("|", 1)[-1].strip() for line in ok.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" in imported and "peft" in imported
+    # deepspeed is never needed; bitsandbytes, which PEFT imports where installed, only by --qlora-base dequantized
+    # (PEFT's attempt shows as the bare name, found unavailable in microseconds; a real import loads its modules)
+    assert not {m for m in imported if m.split(".")[0] == "deepspeed" or m.startswith("bitsandbytes.")}
+    assert not marker.exists()
+    bad = cli_subprocess("convert", run, "--out", tmp_path / "out", "--quiet")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        f"ckpt2hf: error: {tmp_path / 'out'}: already exists; pass --force to replace it or choose another --out"
+    ]

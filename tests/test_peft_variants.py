@@ -14,9 +14,9 @@ from transformers import AutoTokenizer
 from converter.inspection import inspect_run
 
 from helpers import (
+    Started,
     assert_engines_agree,
     cli,
-    cli_subprocess,
     export_tensors,
     load_report,
     refused,
@@ -194,10 +194,18 @@ def test_an_adapter_that_changes_nothing_is_refused_and_idle_modules_are_reporte
     assert "the adapter changes nothing in language_model: all 6 LoRA modules have all-zero lora_B" in line
 
 
-def test_qlora_base_weights_come_from_the_base_by_default(variant_runs, exports, tmp_path):
+@pytest.fixture(scope="module", autouse=True)
+def qlora_process(variant_runs, tmp_path_factory):
+    """The QLoRA run converted with no options in a process of its own, started at the module's first test."""
+    out = tmp_path_factory.mktemp("qlora-process") / "out"
+    return out, Started("convert", variant_runs["qlora"], "--out", out, "--json")
+
+
+def test_qlora_base_weights_come_from_the_base_by_default(qlora_process, exports):
     """In a process of its own, as users run it: without --qlora-base dequantized, bitsandbytes is not even
     imported (tests/test_distributed.py checks that), and the 4-bit run still converts and verifies."""
-    done = cli_subprocess("convert", variant_runs["qlora"], "--out", tmp_path / "out", "--json")
+    out, started = qlora_process
+    done = started.result()
     assert done.returncode == 0, done.stderr[-2000:]
     manifest = json.loads(done.stdout)
     lm = manifest["components"]["language_model"]
@@ -205,7 +213,7 @@ def test_qlora_base_weights_come_from_the_base_by_default(variant_runs, exports,
     assert manifest["keys"]["language_model"]["4-bit quantization state of a base weight (bitsandbytes)"] == 14 * 5
     dequantized = json.loads((exports["qlora"] / "manifest.json").read_text())["components"]["language_model"]
     assert dequantized["qlora"]["base_weights_from"].startswith("the checkpoint's 4-bit weights, dequantized")
-    a, b = export_tensors(tmp_path / "out"), export_tensors(exports["qlora"])
+    a, b = export_tensors(out), export_tensors(exports["qlora"])
     assert a.keys() == b.keys()
     q = "language_model/model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(a[q], b[q])  # full-precision base + the same delta, against the 4-bit base + delta

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import sys
 import time
 
 import pytest
@@ -22,7 +20,7 @@ from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
 from converter import precision
 from converter.example import CHAT_TEMPLATE
 
-from helpers import REPO, cli, no_stage_left, refused, run_convert, tree_digest
+from helpers import Started, cli, no_stage_left, refused, run_convert, tree_digest
 from trainers import load_trained_module
 
 
@@ -247,13 +245,21 @@ def test_a_convert_while_another_writes_the_same_out_stops_before_writing(pano_r
     assert tree_digest(pano_run) == before and [p.name for p in tmp_path.iterdir()] == [".out.ckpt2hf-lock"]
 
 
-def test_two_processes_with_the_same_out_exactly_one_wins(pano_run, tmp_path, capsys):
-    out = tmp_path / "out"
-    command = [sys.executable, "-m", "converter", "convert", str(pano_run), "--out", str(out), "--quiet", "--no-verify"]
-    procs = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+@pytest.fixture(scope="module", autouse=True)
+def race(pano_run, tmp_path_factory):
+    """Two conversions to the same OUT, started 0.2 s apart at the module's first test (they run beside the
+    others)."""
+    tmp_path = tmp_path_factory.mktemp("race")
+    argv = ("convert", pano_run, "--out", tmp_path / "out", "--quiet", "--no-verify")
+    first = Started(*argv)
     time.sleep(0.2)
-    procs.append(subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+    return tmp_path, [first, Started(*argv)]
+
+
+def test_two_processes_with_the_same_out_exactly_one_wins(race, capsys):
+    tmp_path, started = race
+    out = tmp_path / "out"
+    results = [(done.returncode, done.stdout, done.stderr) for done in (s.result() for s in started)]
     codes = sorted(code for code, _, _ in results)
     assert codes == [0, 2], results
     loser = next(err for code, _, err in results if code == 2).strip().splitlines()
