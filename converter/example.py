@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -383,7 +384,10 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-        run = build_run(args.root, RunSpec(name=args.name))
+        # stdout is the run's folder alone (the Makefile reads it): what the libraries print while the run is built
+        # (DeepSpeed, imported by Lightning where installed, logs to stdout) goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            run = build_run(args.root, RunSpec(name=args.name))
     print(run)
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -79,7 +80,8 @@ def pano_export(pano_run, tmp_path_factory):
     return out, run_convert(pano_run, out, engine="full", verify=True)
 
 
-BACKGROUND = ("distributed_runs", "variant_runs", "consumer_export")  # made by other processes while tests run
+# Made by other processes while the tests run; the tests that need them go last, in this order.
+BACKGROUND = ("example_process", "distributed_runs", "variant_runs", "consumer_export")
 
 
 def _needs(item, fixture: str) -> bool:
@@ -99,7 +101,12 @@ def _background(request, tmp_path_factory, bases):
         return None
     from background import Background
 
-    kinds = {"distributed_runs": "distributed", "variant_runs": "variants", "consumer_export": "consumers"}
+    kinds = {
+        "example_process": "example",
+        "distributed_runs": "distributed",
+        "variant_runs": "variants",
+        "consumer_export": "consumers",
+    }
     return Background({kinds[f]: tmp_path_factory.mktemp(kinds[f]) for f in wanted}, bases)
 
 
@@ -119,3 +126,9 @@ def variant_runs(_background) -> dict[str, Path]:
 def consumer_export(_background) -> dict[str, Path]:
     """A Qwen-vocabulary LoRA run's export and llama.cpp's GGUF of it (tests/consumers.py): {"export", "gguf"}."""
     return _background.runs("consumers")
+
+
+@pytest.fixture(scope="session")
+def example_process(_background) -> tuple[Path, subprocess.CompletedProcess]:
+    """``python -m converter.example ROOT`` run in a fresh process, as ``make convert`` runs it: (ROOT, result)."""
+    return _background.example()

@@ -290,3 +290,13 @@ def test_hub_id_resolved_from_the_local_cache(pano_run, tmp_path, monkeypatch):
     assert lm["base_config_from"] == "hyper_parameters.language_model_name (Hugging Face cache)"
     assert (lm["base"], lm["base_revision"]) == ("someorg/tiny-qwen3", "a" * 40)
     assert "base_model:\n- someorg/tiny-qwen3\n" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_the_example_prints_only_its_run_folder(example_process):
+    """make convert reads the example run's folder from ``python -m converter.example ROOT``'s stdout (a fresh
+    process, run in the background): nothing the libraries print while it trains may land there (DeepSpeed,
+    imported by Lightning where installed, logs to stdout)."""
+    root, done = example_process
+    assert done.returncode == 0
+    assert done.stdout == f"{root / 'runs' / 'pano-tiny'}\n"
+    assert (root / "runs" / "pano-tiny" / "checkpoints" / "last.ckpt").is_file()
