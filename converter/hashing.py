@@ -9,7 +9,6 @@ conversion later ``take``s the running hash. This module must not import torch.
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
 import threading
 from pathlib import Path
@@ -17,21 +16,22 @@ from pathlib import Path
 from .errors import ConvertError
 
 
-def sha256_file(path: Path, window: int = 32 << 20, stop: threading.Event | None = None) -> str:
-    """sha256 of a file, hashed straight from the page cache through read-only memory-mapped windows.
+def sha256_file(path: Path, window: int = 8 << 20, stop: threading.Event | None = None) -> str:
+    """sha256 of a file, read in windows into one reused buffer (each read and each update releases the GIL).
 
-    Mapping (with MAP_POPULATE where the OS has it) instead of reading saves copying every byte, and each window
-    is one call that releases the GIL. At most one window is mapped at a time, so resident memory stays bounded.
-    ``stop``: when set, hashing ends early and the returned digest means nothing.
+    Read, not memory-mapped: a source that another process truncates while it is hashed must end in a changed
+    digest (which the identity check reports), not in SIGBUS. ``stop``: when set, hashing ends early and the
+    returned digest means nothing.
     """
     digest = hashlib.sha256()
-    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    buffer = bytearray(window)
+    view = memoryview(buffer)
     with open(path, "rb", buffering=0) as fh:
-        size = os.fstat(fh.fileno()).st_size
-        for offset in range(0, size, window):
-            length = min(window, size - offset)
-            with mmap.mmap(fh.fileno(), length, flags=flags, prot=mmap.PROT_READ, offset=offset) as mapped:
-                digest.update(mapped)  # releases the GIL: the other threads keep running
+        while True:
+            n = fh.readinto(buffer)
+            if not n:
+                break
+            digest.update(view[:n])
             if stop is not None and stop.is_set():
                 break
     return digest.hexdigest()
