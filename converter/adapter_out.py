@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .errors import ConvertError
-from .merge import _library_warnings_to_log, build_peft_model
+from .merge import build_peft_model, library_warnings_to_log
 from .names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SAFETENSORS_METADATA
 from .plan import PartPlan, Plan
 from .sources import Sources
@@ -49,7 +49,7 @@ def write_adapter(part: PartPlan, sources: Sources, folder: Path) -> list[str]:
     model.peft_config[lora.adapter_name] = offline = copy.deepcopy(config)
     offline.base_model_name_or_path = None  # PEFT's "auto" then decides from the model alone, without the hub
     resized = part.vocab_resized is not None
-    with _library_warnings_to_log():
+    with library_warnings_to_log():
         tensors = get_peft_model_state_dict(
             model,
             state_dict=_adapter_state(part, sources),

@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def _library_warnings_to_log():
+def library_warnings_to_log():
+    """What PEFT and transformers warn about while ckpt2hf drives them goes to the debug log, not to the user."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield
@@ -77,7 +78,7 @@ def describe_model(
                 f"{str(exc).splitlines()[0][:160]}); check the component's kind in the layout config, or pass --base"
             ) from exc
 
-    with _library_warnings_to_log(), torch.device("meta"):
+    with library_warnings_to_log(), torch.device("meta"):
         model = build(copy.deepcopy(hf_config))
         embed, head = _embedding_keys(model)
         text = hf_config.get_text_config()
@@ -160,7 +161,7 @@ def build_peft_model(
         if kept is not None:
             return kept
     hf_config = copy.deepcopy(hf_config)  # merge_and_unload edits the model's config (tie_word_embeddings)
-    with _library_warnings_to_log(), torch.device(device), no_init_weights():
+    with library_warnings_to_log(), torch.device(device), no_init_weights():
         base = getattr(transformers, auto_class).from_config(hf_config, dtype=torch.float32)
         model = PeftModel(base, copy.deepcopy(lora_config), adapter_name=adapter_name)
     return model.eval()
@@ -168,11 +169,11 @@ def build_peft_model(
 
 def merge_and_unload(model: nn.Module, progress: bool) -> nn.Module:
     """PEFT's merge_and_unload: every LoRA variant as PEFT defines it."""
-    with _library_warnings_to_log(), torch.no_grad():
+    with library_warnings_to_log(), torch.no_grad():
         return model.merge_and_unload(progressbar=progress)
 
 
 def merge_layer(layer: nn.Module, adapter_name: str) -> None:
     """PEFT's ``merge()`` of one layer: the call merge_and_unload makes for each adapted module."""
-    with _library_warnings_to_log(), torch.no_grad():
+    with library_warnings_to_log(), torch.no_grad():
         layer.merge(adapter_names=[adapter_name])
