@@ -9,8 +9,8 @@ the ``dW`` that training produced. For each merged tensor:
   ``1 / sqrt(1 + e**2)``: 0.89 at 0.5.
 - ``rounded_away``: the share of the elements the delta changes whose written value does not change at all.
 
-A tensor above ``WARN_DELTA_ERROR`` is a warning (see the README: the fine-tune in it is more than a third noise
-by norm; export it in float32, or keep the adapter with ``--adapter-out``).
+A tensor above ``WARN_DELTA_ERROR`` is a warning (see the README: rounding noise is then more than a fifth of the
+shipped delta's energy; export it in float32, or keep the adapter with ``--adapter-out``).
 """
 
 from __future__ import annotations
