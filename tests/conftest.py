@@ -12,6 +12,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The test process, the background processes and the command-line runs share two cores: OpenMP threads that spin
+# between torch's parallel regions would take them from each other (the CLI sets the same for itself).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from converter.example import RunSpec, TinyShape, build_bases, build_run  # noqa: E402
 
