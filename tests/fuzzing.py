@@ -161,6 +161,8 @@ class Target:
     read: Callable[[Path], None]
 
 
+ZERO = "checkpoints/last.ckpt/checkpoint"  # a ZeRO-3 run's tag folder
+
 TARGETS = {
     t.name: t
     for t in (
@@ -170,18 +172,10 @@ TARGETS = {
         Target("adapter_config.json", "run", "lora_weights/adapter_config.json", plan),
         Target("tokenizer.json", "tokenizer", "lora_weights/tokenizer.json", plan),
         Target("tokenizer_config.json", "tokenizer", "lora_weights/tokenizer_config.json", plan),
+        Target("DeepSpeed model states", "zero3", f"{ZERO}/zero_pp_rank_0_mp_rank_00_model_states.pt", read_checkpoint),
         Target(
-            "DeepSpeed model states",
-            "zero3",
-            "checkpoints/last.ckpt/checkpoint/zero_pp_rank_0_mp_rank_00_model_states.pt",
-            read_checkpoint,
-        ),  # noqa: E501
-        Target(
-            "DeepSpeed optimizer states",
-            "zero3",
-            "checkpoints/last.ckpt/checkpoint/zero_pp_rank_1_mp_rank_00_optim_states.pt",
-            read_checkpoint,
-        ),  # noqa: E501
+            "DeepSpeed optimizer states", "zero3", f"{ZERO}/zero_pp_rank_1_mp_rank_00_optim_states.pt", read_checkpoint
+        ),
         Target("DeepSpeed latest", "zero3", "checkpoints/last.ckpt/latest", read_checkpoint),
         Target("DCP .metadata", "fsdp", "checkpoints/last.ckpt/.metadata", read_checkpoint),
         Target("DCP rank file", "fsdp", "checkpoints/last.ckpt/__0_0.distcp", read_checkpoint),

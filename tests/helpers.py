@@ -51,8 +51,7 @@ def cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 def cli_subprocess(*argv: str, python: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """``python [PYTHON] -m converter ARGV`` in a fresh process (to see exactly what a user sees)."""
-    command = [sys.executable, *python, "-m", "converter", *map(str, argv)]
-    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
+    return Started(*argv, python=python).result()
 
 
 class Started:
