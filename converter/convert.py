@@ -1,6 +1,6 @@
 """``convert``: a Lightning + PEFT run becomes a clean, verified Hugging Face export.
 
-Pipeline: open the run (metadata only) -> plan -> settle what only data can tell (compare the LoRA sources,
+Pipeline: open the run (metadata only) -> plan -> settle what only data can tell (compare the adapter sources,
 confirm a tie) -> for each part: engine writes the weights, config and support files are written, the engine's
 result is verified -> manifest and model card (last) -> the staging folder is renamed into place.
 """
@@ -16,17 +16,17 @@ from typing import Any
 import torch
 
 from . import precision
-from .adapter_out import write_adapters
-from .checks import settle
 from .engines import ENGINES
 from .errors import ConvertError
 from .hashing import take as take_source_hash
-from .lora import require_agreement
 from .manifest import PartResult, build_manifest, plan_summary, write_model_card
 from .options import ConvertOptions
+from .peft import require_agreement, write_adapters
 from .plan import Plan
 from .planner import Opened, build_plan, open_run
+from .policy import refuse_unchanged
 from .release import complete_part
+from .settle import settle, trained_copies_differ
 from .writer import file_records, out_lock, refuse_existing, staged_output, write_config
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def plan_run(opts: ConvertOptions) -> tuple[Plan, Opened]:
-    """Open the run and plan the conversion (no tensor data read); the caller closes ``Opened``."""
+    """Open the run and plan the conversion (no tensor data read); the caller closes ``plan.sources`` (which
+    holds ``Opened``'s too)."""
     opened = open_run(opts)
     try:
         return build_plan(opened, opts), opened
@@ -70,7 +71,7 @@ def convert(opts: ConvertOptions) -> dict[str, Any]:
         refuse_existing(Path(opts.adapter_out), opts.force)
     plan, opened = plan_run(opts)
     out = Path(opts.out) if opts.out else plan.inputs.run / "export"
-    with opened.sources:
+    with plan.sources:
         if opts.dry_run:
             return plan_summary(plan, out)
         with out_lock(out):
@@ -79,16 +80,19 @@ def convert(opts: ConvertOptions) -> dict[str, Any]:
 
 
 def _convert(opts: ConvertOptions, plan: Plan, opened: Opened, out: Path, device: torch.device) -> dict[str, Any]:
-    sources = opened.sources
+    sources = plan.sources
     identity = opened.checkpoint.identity()  # the zip records: milliseconds
     # The full sha256 only when asked for (usually started by the CLI before the heavy imports).
     hasher = take_source_hash(plan.inputs.checkpoint) if opts.source_sha256 else None
     try:
-        plan = settle(plan, sources)
+        plan = settle(plan)
         for part in plan.parts:
-            if part.lora is not None and part.lora.comparison is not None:
+            if part.adapter is not None and part.adapter.comparison is not None:
                 require_agreement(
-                    part.lora.comparison, plan.lora_from, str(part.lora.adapter_folder), str(plan.inputs.checkpoint)
+                    part.adapter.comparison,
+                    plan.lora_from,
+                    str(part.adapter.adapter_folder),
+                    str(plan.inputs.checkpoint),
                 )
         engine = ENGINES[plan.engine](sources, device, opts.progress)
         with staged_output(out, opts.force) as stage:
@@ -97,6 +101,11 @@ def _convert(opts: ConvertOptions, plan: Plan, opened: Opened, out: Path, device
                 folder = stage / part.out if part.out else stage
                 log.info("writing %s (%s engine)", part.name, engine.name)
                 written = engine.write(part, folder, opts.verify)
+                refuse_unchanged(
+                    written.part,
+                    lambda p=written.part: trained_copies_differ(p, sources),
+                    written.part.adapter.adapter_folder if written.part.adapter else plan.inputs.checkpoint,
+                )
                 if written.part.tie is not None and written.part.tie.configured and not written.part.tied:
                     log.warning(
                         "%s: the trained lm_head differs from embed_tokens (%s); writing tie_word_embeddings false "

@@ -70,6 +70,8 @@ def _recover(value: Any, seen: set[int], in_config: bool) -> Any:
         return {str(k): _recover(v, seen, in_config) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_recover(v, seen, in_config) for v in value]
+    if isinstance(value, (set, frozenset)):  # e.g. a PEFT config's target_modules
+        return sorted((_recover(v, seen, in_config) for v in value), key=repr)
     if isinstance(value, type):
         name = getattr(value, "_global", f"{value.__module__}.{value.__qualname__}")
         return Opaque(f"<class {name}>")
@@ -110,6 +112,17 @@ def _recover_placeholder(value: Placeholder, seen: set[int], in_config: bool) ->
         target = args[0] if args else None
         target = getattr(target, "_global", None) or getattr(target, "__name__", "?")
         return Opaque(f"functools.partial({target}, ...)")
+    args = value.recorded_args
+    if (
+        value.called
+        and len(args) == 1
+        and isinstance(args[0], (str, int))
+        and state is None
+        and not value.recorded_items
+    ):
+        return args[
+            0
+        ]  # an Enum member (PEFT's PeftType and TaskType, say) is pickled as its class called with its value
     mapping = value.mapping()  # a dict subclass the pickle filled, or an object's fields (Namespace, dataclass)
     if mapping is not None:
         return _recover(mapping, seen, in_config)

@@ -133,7 +133,7 @@ def build_manifest(
     where the merge ran."""
     source = source_record(plan)
     source["checkpoint"].update(identity)
-    adapter = next((r.part.lora.facts() for r in results if r.part.lora is not None), None)
+    adapter = next((r.part.adapter.facts() for r in results if r.part.adapter is not None), None)
     accounting: dict[str, Any] = {
         "source_keys": sum(len(r.part.keys) for r in results) + sum(len(v) for v in plan.dropped.values())
     }
@@ -222,7 +222,8 @@ def write_model_card(folder: Path, manifest: Manifest, plan: Plan) -> None:
 
     parts = sorted(plan.parts, key=lambda p: p.comp.kind != "hf_causal_lm")
     bases = list(dict.fromkeys(p.base.name for p in parts if p.base is not None))
-    tags = ["ckpt2hf", "lora-merged" if manifest.adapter else "fine-tuned", "peft", "lightning"]
+    merged_tag = f"{manifest.adapter['peft_type'].lower()}-merged" if manifest.adapter else "fine-tuned"
+    tags = ["ckpt2hf", merged_tag, "peft", "lightning"]
     if len(plan.parts) > 1:
         vision = any(hasattr(p.config, "image_size") for p in plan.parts if p.config is not None)
         tags.append("vision-language" if vision else "multi-part")
@@ -239,16 +240,21 @@ def write_model_card(folder: Path, manifest: Manifest, plan: Plan) -> None:
         for name, c in manifest.components.items()
     )
     if adapter:
-        lora = (
-            f"LoRA adapter `{adapter['name']}`: r={adapter['r']}, alpha={adapter['alpha']}, target modules "
-            f"{', '.join(f'`{t}`' for t in adapter['target_modules']) or '-'}, modules to save "
-            f"{', '.join(f'`{t}`' for t in adapter['modules_to_save']) or 'none'} (rsLoRA {adapter['use_rslora']}, "
-            f"DoRA {adapter['use_dora']}); merged with PEFT's `merge_and_unload` ({manifest.engine} engine, on "
+        settings = ", ".join(f"{k}={v}" for k, v in adapter["parameters"].items() if not isinstance(v, (dict, list)))
+        how = (
+            "PEFT's `merge_and_unload`"
+            if manifest.engine == "full"
+            else "PEFT's own per-module merge, the call `merge_and_unload` makes for each adapted module"
+        )
+        merged = (
+            f"{adapter['tuner']} adapter `{adapter['name']}` ({adapter['peft_type']}; {settings or 'PEFT defaults'}) "
+            "on "
+            f"{adapter['adapted_modules']} modules; merged with {how} ({manifest.engine} engine, on "
             f"{manifest.merged_on.get('gpu') or manifest.merged_on['device']}); tensors from the "
             f"{adapter['tensors_from']}, config from {adapter['config_from']}."
         )
     else:
-        lora = "No LoRA adapter was present; the weights are the checkpoint's."
+        merged = "No adapter was present; the weights are the checkpoint's."
     identified = (
         f"sha256 `{src['sha256']}`"
         if "sha256" in src
@@ -285,7 +291,7 @@ weights with no PEFT needed to load them.
 ## Provenance
 
 - {run}
-- {lora}
+- {merged}
 - {listed}
 """
     ModelCard(content).save(folder / MODEL_CARD)

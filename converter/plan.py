@@ -1,30 +1,31 @@
 """The plan of a conversion: pure data, frozen, decided from metadata alone (no tensor data read).
 
 For each part of the export it says which tensors are written, under which names, in which dtype, where each one
-comes from (a ``TensorRef`` into a named source) or which LoRA layer's merge produces it, what happens to every
-source key, the tie decision, the LoRA config and the config file to write. ``planner`` builds it; ``settle`` (in
-``checks``) fills in what only data can tell (the two LoRA sources compared, a tie confirmed); the engines only
-execute it; ``--dry-run`` and ``inspect`` print it.
+comes from (a ``TensorRef`` into a named source) or which merge unit produces it, what happens to every source key,
+the tie decision, the adapter's plan (``converter.peft``) and the config file to write. ``planner`` builds it;
+``settle`` fills in what only data can tell before writing (the two adapter sources compared, a tie the stored
+checksums could not decide); an engine settles, through ``policy``, what only the merged values can tell (a tie when
+the adapter changes lm_head or the embeddings; which units changed nothing) and returns the plan as executed;
+``--dry-run`` and ``inspect`` print it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from .accounting import FROM_BASE, TIED, WRITTEN
 from .bases import BaseRef
 from .discover import RunInputs
-from .keymap import TIED, WRITTEN, OuterPrefix, PeftLayout
+from .keymap import OuterPrefix
 from .layout import Component
-from .lora import Pairing, SourceComparison
-from .sources import TensorRef
+from .peft import AdapterPlan
+from .sources import Sources, TensorRef
 from .vocab import Tokenizer
 
-FROM_BASE = "not in the checkpoint (frozen, not saved): read from the base model"
 QLORA_BASES = {
     "base": "the base model's weights (full precision)",
     "dequantized": "the checkpoint's 4-bit weights, dequantized by bitsandbytes (as the trained model saw them)",
@@ -43,7 +44,7 @@ class OutTensor:
     dtype: torch.dtype
     shape: tuple[int, ...]
     source: TensorRef | None = None
-    merged_from: str | None = None  # a module path of ``LoraPlan.layers``
+    merged_from: str | None = None  # the plain module path of the merge unit that produces it
 
     @property
     def numel(self) -> int:
@@ -55,53 +56,6 @@ class OutTensor:
     @property
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
-
-
-@dataclasses.dataclass(frozen=True)
-class MergeLayer:
-    """One PEFT layer to merge: its state (as the layer names it) and the plain parameters it produces."""
-
-    module: str  # plain module path, e.g. model.layers.0.self_attn.q_proj
-    path: str  # where the layer sits in the PEFT model, e.g. base_model.model.model.layers.0.self_attn.q_proj
-    inputs: tuple[tuple[str, TensorRef], ...]  # the layer's state_dict name -> source tensor
-    outputs: tuple[str, ...]  # plain keys written from it (module.weight, module.bias)
-    input_dtypes: tuple[torch.dtype, ...] = ()  # the dtypes its inputs are stored in
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraPlan:
-    """The adapter merged into a part."""
-
-    adapter_name: str
-    config: Any  # peft.LoraConfig
-    config_from: str  # "adapter_config.json" or "hyper_parameters"
-    tensors_from: str  # "checkpoint" or "adapter"
-    layers: tuple[MergeLayer, ...]
-    layout: PeftLayout
-    adapter_folder: Path | None = None  # the weights file of the adapter folder, if the run has one
-    pairing: Pairing | None = None  # checkpoint vs adapter folder by key (None: no adapter folder)
-    comparison: SourceComparison | None = None  # by value: filled in by ``settle``
-    idle: tuple[str, ...] = ()  # LoRA modules whose B factors are all zeros: filled in by ``settle``
-
-    def facts(self) -> dict[str, Any]:
-        """What the manifest records about the adapter."""
-        cfg = self.config
-        targets = cfg.target_modules
-        return {
-            "name": self.adapter_name,
-            "r": cfg.r,
-            "alpha": cfg.lora_alpha,
-            "target_modules": [targets] if isinstance(targets, str) else sorted(targets or []),
-            "modules_to_save": sorted(cfg.modules_to_save or []),
-            "use_rslora": bool(cfg.use_rslora),
-            "use_dora": bool(cfg.use_dora),
-            "config_from": self.config_from,
-            "tensors_from": self.tensors_from,
-            "lora_pairs": len(self.layout.lora_modules),
-            "idle_lora_modules": len(self.idle),
-            "trainable_token_modules": list(self.layout.token_modules),
-            "sources_compared": self.comparison.as_dict() if self.comparison is not None else None,
-        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +85,7 @@ class PartPlan:
     dtype: torch.dtype | None  # the output dtype of floating tensors (None: as in the source)
     base: BaseRef | None = None
     config: Any = None  # the transformers config to write (edited copy of the base's)
-    lora: LoraPlan | None = None
+    adapter: AdapterPlan | None = None
     tie: Tie | None = None
     support_files: tuple[str, ...] = ()
     vocab_resized: int | None = None  # rows of the embeddings, when they differ from the base's vocab_size
@@ -152,10 +106,10 @@ class PartPlan:
     @property
     def check_dtype(self) -> torch.dtype:
         """The dtype whose tolerance verification applies: the export's, or the run's when that is narrower (a
-        bf16 run's LoRA factors carry bf16 precision whatever the export's dtype)."""
+        bf16 run's adapter tensors carry bf16 precision whatever the export's dtype)."""
         dtypes = [self.dtype or torch.float32]
-        if self.lora is not None:
-            dtypes += [ref_dtype for layer in self.lora.layers for ref_dtype in layer.input_dtypes]
+        if self.adapter is not None:
+            dtypes += [ref_dtype for unit in self.adapter.units for ref_dtype in unit.input_dtypes]
         floating = [d for d in dtypes if d.is_floating_point]
         return min(floating, key=lambda d: (d.itemsize, 0 if d == torch.bfloat16 else 1))
 
@@ -201,11 +155,12 @@ class PartPlan:
             out["tokenizer"] = self.tokenizer.record()
         if self.quantized:
             out["qlora"] = {"quantized_weights": len(self.quantized), "base_weights_from": QLORA_BASES[self.qlora_base]}
-        if self.lora is not None:
-            out["lora"] = {
-                "adapter": self.lora.adapter_name,
-                "pairs": len(self.lora.layout.lora_modules),
-                "tensors_from": self.lora.tensors_from,
+        if self.adapter is not None:
+            out["adapter"] = {
+                "name": self.adapter.adapter_name,
+                "peft_type": self.adapter.peft_type,
+                "adapted_modules": len(self.adapter.units),
+                "tensors_from": self.adapter.tensors_from,
             }
         return out
 
@@ -233,6 +188,7 @@ class Plan:
     engine: str = "full"
     checkpoint_layout: dict[str, Any] = dataclasses.field(default_factory=dict)  # files, ranks, stage...
     frozen_excluded: bool = False  # the run saved no frozen parameters; they are read from the base models
+    sources: Sources | None = dataclasses.field(default=None, compare=False, repr=False)  # every source it refers to
 
     def part(self, name: str) -> PartPlan:
         return next(p for p in self.parts if p.name == name)

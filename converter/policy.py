@@ -1,8 +1,10 @@
 """Export policy, shared by the planner and both engines so that they cannot drift apart: output dtypes, the cast
-with its finiteness check, the tie decision, and whether the checkpoint fits the model a config builds."""
+with its finiteness check, the tie decision, whether the checkpoint fits the model a config builds, and whether
+the adapter changes anything at all."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,8 @@ import torch
 from .errors import ConvertError, preview
 from .plan import Tie
 from .sources import TensorInfo
+
+log = logging.getLogger(__name__)
 
 # Max abs logit difference allowed, relative to max(1, max |reference logit|), by the export's dtype; the
 # streaming engine holds each merged layer's output to the same figures.
@@ -153,21 +157,57 @@ def check_fit(
     )
 
 
-def check_peft_fit(
-    expected: Mapping[str, tuple[int, ...]], given: Mapping[str, tuple[int, ...]], where: str, hint: str
-) -> None:
-    """The PEFT model the adapter's config builds must hold exactly the component's tensors, with their shapes."""
-    missing, unexpected, wrong = _differences(expected, given, set())
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing ({preview(missing, 3)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected ({preview(unexpected, 3)})")
+# --- does the merge change anything ----------------------------------------------------------------------------
+SAMPLES = 256  # elements of each merged parameter compared before and after its merge
+
+
+def sample(params: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A fixed sample of each parameter's elements, taken before the merge: (flat indices, values)."""
+    found = {}
+    for name, param in params.items():
+        flat = param.detach().reshape(-1)
+        if flat.numel() == 0:
+            continue
+        generator = torch.Generator().manual_seed(flat.numel())
+        idx = torch.randint(0, flat.numel(), (min(SAMPLES, flat.numel()),), generator=generator).to(flat.device)
+        found[name] = (idx, flat[idx].clone())
+    return found
+
+
+def changed(params: Mapping[str, torch.Tensor], before: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> bool:
+    """Whether the merge changed a sampled element (exact). False means "perhaps not": ``unchanged`` decides."""
+    return any(
+        not torch.equal(params[name].detach().reshape(-1)[idx], values) for name, (idx, values) in before.items()
+    )
+
+
+def unchanged(params: Mapping[str, torch.Tensor], originals: Mapping[str, torch.Tensor]) -> bool:
+    """Whether every merged parameter equals its value before the merge, element for element."""
+    return all(
+        torch.equal(params[name].detach().float(), originals[name].to(params[name].device).float())
+        for name in originals
+    )
+
+
+def refuse_unchanged(part: Any, trained_copies_differ: Callable[[], bool], where: object) -> None:
+    """An adapter whose every unit changed nothing, with no trained copy or token rows either, would ship the base
+    model under a fine-tune's name: refused. Units that changed nothing beside others that did are a warning."""
+    adapter = part.adapter
+    if adapter is None or not adapter.units:
+        return
+    idle = adapter.idle
+    if len(idle) == len(adapter.units) and not adapter.layout.token_modules and not trained_copies_differ():
         raise ConvertError(
-            f"{where}: the checkpoint does not fit the model built from its config: {'; '.join(parts)}; {hint}"
+            f"{where}: the adapter changes nothing in {part.name}: all {len(idle)} adapted modules are unchanged by "
+            "the merge (never trained, or saved from one rank of a sharded run) and no trained copy differs; the "
+            "export would be the base model under a fine-tune's name; convert the checkpoint that holds the training"
         )
-    if wrong:
-        raise ConvertError(
-            f"{where}: {len(wrong)} tensors have other shapes than the config gives: {preview(wrong, 2)}; {hint}"
+    if idle:
+        log.warning(
+            "%s: %d of %d adapted modules are unchanged by the merge (never trained, or saved from one rank of a "
+            "sharded run): %s",
+            part.name,
+            len(idle),
+            len(adapter.units),
+            preview(list(idle), 3),
         )

@@ -38,6 +38,11 @@ class Tokenizer:
     padding_rows: int
     base_vocab: int | None = None  # the base config's vocab_size
 
+    @property
+    def shipped_from_run(self) -> bool:
+        """The run's own tokenizer (not the base's)."""
+        return self.found_by != BASE
+
     def record(self) -> dict[str, Any]:
         return {
             "found_by": self.found_by,

@@ -137,12 +137,12 @@ def read_adapter(run: Path) -> None:
 
 def plan(run: Path) -> None:
     """Everything convert does before it writes: open, plan (adapter config, tokenizer, bases), settle."""
-    from converter.checks import settle
     from converter.convert import ConvertOptions, plan_run
+    from converter.settle import settle
 
-    found, opened = plan_run(ConvertOptions(run=run, verify=False, progress=False))
-    with opened.sources as sources:
-        settle(found, sources)
+    found, _ = plan_run(ConvertOptions(run=run, verify=False, progress=False))
+    with found.sources:
+        settle(found)
 
 
 def verify(out: Path) -> None:

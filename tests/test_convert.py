@@ -123,8 +123,9 @@ def test_manifest_records_provenance_and_hashes(pano_run, pano_export):
         assert record["bytes"] == len(data)
         assert record["sha256"] == hashlib.sha256(data).hexdigest()
     adapter = on_disk["adapter"]
-    assert (adapter["r"], adapter["alpha"], adapter["lora_pairs"]) == (32, 64, 14)
-    assert adapter["modules_to_save"] == ["embed_tokens", "lm_head"]
+    assert (adapter["peft_type"], adapter["adapted_modules"]) == ("LORA", 14)
+    assert (adapter["parameters"]["r"], adapter["parameters"]["lora_alpha"]) == (32, 64)
+    assert adapter["parameters"]["modules_to_save"] == ["embed_tokens", "lm_head"]
     assert adapter["sources_compared"]["equal"] is True
     assert on_disk["verification"]["language_model"]["max_abs_logit_diff"] < 1e-4
     assert set(on_disk["versions"]) >= {"torch", "transformers", "peft", "safetensors"}
@@ -161,7 +162,7 @@ def test_28_layer_layout_gives_exactly_311_plain_lm_keys(deep_run, tmp_path):
     expected = {f"model.layers.{i}.{k}" for i in range(28) for k in per_layer}
     expected |= {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
     assert written == expected
-    assert manifest["adapter"]["lora_pairs"] == 196
+    assert manifest["adapter"]["adapted_modules"] == 196
     assert manifest["adapter"]["sources_compared"]["keys"] == 394
     assert load_report(out / "language_model")[1] == CLEAN
     assert_engines_agree(deep_run, tmp_path, full=out)
@@ -186,7 +187,7 @@ def test_named_adapter_and_another_attribute(named_adapter_run, tmp_path):
 def test_dora_rslora_and_rank_patterns_follow_peft(dora_run, tmp_path):
     out = tmp_path / "dora"
     manifest = run_convert(dora_run, out)
-    assert manifest["adapter"]["use_dora"] and manifest["adapter"]["use_rslora"]
+    assert manifest["adapter"]["parameters"]["use_dora"] and manifest["adapter"]["parameters"]["use_rslora"]
     pixel_values, input_ids = probe(dora_run)
     torch.testing.assert_close(
         export_logits(out, pixel_values, input_ids),

@@ -21,7 +21,7 @@ def test_stale_adapter_folder_is_refused_with_numbers_and_a_choice(stale_adapter
     assert len(lines) == 1
     assert lines[0].startswith(
         f"ckpt2hf: error: {stale_adapter_run}/lora_weights/adapter_model.safetensors and "
-        f"{stale_adapter_run}/checkpoints/last.ckpt hold different LoRA weights (30 of 30 tensors differ, "
+        f"{stale_adapter_run}/checkpoints/last.ckpt hold different adapter weights (30 of 30 tensors differ, "
         "max abs diff "
     )
     assert lines[0].endswith(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -179,7 +180,7 @@ def test_inspect_shows_the_recovered_config_and_what_it_gave(variant_runs):
     json.dumps(report)  # --json prints it
     text = render(report)
     assert "        targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']" in text
-    assert "  language_model base          hyper_parameters.cfg.model.net.language_model_name" in text
+    assert re.search(r"\n  language_model base +hyper_parameters\.cfg\.model\.net\.language_model_name\n", text)
 
 
 def test_an_environment_variable_and_an_ambiguous_name_ask_for_the_base(variant_runs, tmp_path, capsys):

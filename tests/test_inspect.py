@@ -49,18 +49,19 @@ def test_seed_layout_numbers(deep_run):
     assert [r["reason"] for r in plain["reasons"]] == [
         "311 missing: every language_model key of the plain model; the checkpoint holds them under PEFT's "
         "base_model.model. prefix (and .base_layer for adapted modules)",
-        "705 unexpected: every language_model key of the checkpoint, named by PEFT (196 base layers, 392 LoRA "
+        "705 unexpected: every language_model key of the checkpoint, named by PEFT (196 base layers, 392 adapter "
         "tensors, 2 modules_to_save copies, 2 original_module copies, 113 other weights)",
     ]
     (peft,) = report["peft"]
     assert peft["prefix"] == "model.language_model."
     assert peft["adapters"] == ["default"]
-    assert (peft["lora_pairs"], peft["base_layers"], peft["r"], peft["alpha"]) == (196, 196, 32, 64)
+    assert (peft["adapted_modules"], peft["base_layers"]) == (196, 196)
+    assert (peft["tuner"], peft["parameters"]["r"], peft["parameters"]["lora_alpha"]) == ("Lora", 32, 64)
     assert peft["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     assert peft["modules_to_save"] == ["embed_tokens", "lm_head"]
-    assert peft["scaling_from"] == "adapter_config.json"
+    assert peft["config_from"] == "adapter_config.json"
     adapter = report["adapter_folder"]
-    assert (adapter["keys"], adapter["lora_pairs"], adapter["matches_checkpoint"]) == (394, 196, True)
+    assert (adapter["keys"], adapter["adapted_modules"], adapter["matches_checkpoint"]) == (394, 196, True)
     assert adapter["modules_to_save"] == ["embed_tokens", "lm_head"]
     assert report["wrappers"] == {"prefix": "model.", "wrappers": [], "attribute": "model"}
     assert report["components"]["unclaimed"] == []
@@ -111,10 +112,12 @@ def test_cli_json_and_text(pano_run, capsys):
     assert rows["peft: language_model"][:4] == [
         ["prefix", "model.language_model."],
         ["adapter", "default"],
-        ["lora pairs", "14"],
-        ["targets", "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"],
+        ["tuner", "Lora (LORA)"],
+        ["adapted", "14 modules"],
     ]
-    assert ["r / alpha", "32 / 64 (from adapter_config.json)"] in rows["peft: language_model"]
+    params = dict(rows["peft: language_model"])["parameters"]
+    assert params.startswith("r=32, target_modules=") is False and "lora_alpha=64" in params
+    assert params.endswith("(from adapter_config.json)")
     assert ["matches ckpt", "yes"] in rows["adapter folder"]
     assert [r[:3] for r in rows["plan (convert --dry-run)"]] == [
         ["vision_encoder", "vision_encoder/", "48 tensors"],

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import pytest
 
+from converter.accounting import MERGED, SUPERSEDED, WRITTEN
 from converter.errors import ConvertError
-from converter.keymap import (
-    MERGED,
-    SUPERSEDED,
-    WRITTEN,
-    adapter_key,
+from converter.keymap import split_components
+from converter.layout import load_layout
+from converter.peft.keys import (
+    base_key,
     classify_adapter_keys,
     component_keys,
-    detect_peft_layout,
+    is_trained_state,
+    normalized,
     plain_keys,
-    split_components,
+    read_layout,
 )
-from converter.layout import load_layout
 
 P = "base_model.model."
 
@@ -105,13 +105,14 @@ def test_lora_modules_to_save_and_originals_map_to_plain_names():
         "model.norm.weight": keys[7],
     }
     assert fates == {MERGED: keys[:5], SUPERSEDED: [keys[5]], WRITTEN: keys[6:]}
-    layout = detect_peft_layout(keys, "here")
-    assert (layout.adapter_name, layout.lora_modules, layout.modules_to_save, layout.use_dora) == (
+    layout = read_layout(keys, "here")
+    assert (layout.adapter_name, layout.adapted, layout.modules_to_save, layout.tuner) == (
         "default",
         ("model.layers.0.self_attn.q_proj",),
         ("model.embed_tokens",),
-        True,
+        "LORA",
     )
+    assert "lora_magnitude_vector" in layout.segments and not layout.legacy
 
 
 def test_embedding_lora_maps_to_the_embedding_weight():
@@ -126,15 +127,16 @@ def test_embedding_lora_maps_to_the_embedding_weight():
     plain, fates = plain_keys(keys, "pano")
     assert plain == {"model.embed_tokens.weight": keys[0], "lm_head.weight": keys[3]}
     assert fates == {MERGED: keys}
-    layout = detect_peft_layout(keys, "here")
-    assert layout.lora_modules == ("lm_head", "model.embed_tokens")
-    assert [adapter_key(k, "pano") for k in keys] == [
+    layout = read_layout(keys, "here")
+    assert layout.merged_modules == ("lm_head", "model.embed_tokens")
+    assert [is_trained_state(k, "pano") for k in keys] == [False, True, True, False, True, True]
+    assert [base_key(k, "pano") for k in keys] == [
+        "model.embed_tokens.weight",
         None,
-        f"{P}model.embed_tokens.lora_embedding_A",
-        f"{P}model.embed_tokens.lora_embedding_B",
         None,
-        f"{P}lm_head.lora_A.weight",
-        f"{P}lm_head.lora_B.weight",
+        "lm_head.weight",
+        None,
+        None,
     ]
 
 
@@ -149,19 +151,72 @@ def test_trainable_tokens_map_to_the_embedding_weight():
     plain, fates = plain_keys(keys, "default")
     assert plain == {"model.embed_tokens.weight": keys[0], "model.layers.0.self_attn.q_proj.weight": keys[2]}
     assert fates == {MERGED: keys}
-    layout = detect_peft_layout(keys, "here")
+    layout = read_layout(keys, "here")
     assert layout.token_modules == ("model.embed_tokens",)
     assert layout.merged_modules == ("model.embed_tokens", "model.layers.0.self_attn.q_proj")
-    assert adapter_key(keys[1], "default") == f"{P}model.embed_tokens.token_adapter.trainable_tokens_delta"
+    assert layout.tuners[0] == "LORA"  # trainable tokens ride along with LoRA
 
 
-def test_adapter_keys_drop_the_adapter_name():
-    assert adapter_key(f"{P}a.q_proj.lora_A.x.weight", "x") == f"{P}a.q_proj.lora_A.weight"
-    assert adapter_key(f"{P}a.q_proj.lora_magnitude_vector.x.weight", "x") == f"{P}a.q_proj.lora_magnitude_vector"
-    assert adapter_key(f"{P}lm_head.modules_to_save.x.weight", "x") == f"{P}lm_head.weight"
-    assert adapter_key(f"{P}lm_head.original_module.weight", "x") is None
-    assert adapter_key(f"{P}a.q_proj.base_layer.weight", "x") is None
-    assert adapter_key(f"{P}a.q_proj.lora_A.other.weight", "x") is None  # another adapter's
+def test_other_tuners_keys_map_the_same_way():
+    """LoHa's factors, OFT's rotation, VeRA's shared projection and IA3's vector: no list of ours names them."""
+    keys = [
+        f"{P}model.layers.0.self_attn.q_proj.base_layer.weight",
+        f"{P}model.layers.0.self_attn.q_proj.hada_w1_a.default",
+        f"{P}model.layers.0.self_attn.q_proj.hada_w1_b.default",
+        f"{P}model.layers.0.self_attn.v_proj.base_layer.weight",
+        f"{P}model.layers.0.self_attn.v_proj.hada_w2_a.default",
+        f"{P}model.norm.weight",
+    ]
+    plain, fates = plain_keys(keys, "default")
+    assert plain == {
+        "model.layers.0.self_attn.q_proj.weight": keys[0],
+        "model.layers.0.self_attn.v_proj.weight": keys[3],
+        "model.norm.weight": keys[5],
+    }
+    assert fates == {MERGED: keys[:5], WRITTEN: keys[5:]}
+    assert read_layout(keys, "here").tuner == "LOHA"
+    vera = [
+        f"{P}a.q_proj.base_layer.weight",
+        f"{P}a.q_proj.vera_lambda_b.x",
+        f"{P}a.q_proj.vera_A.x",
+        "base_model.vera_A.x",
+    ]
+    layout = read_layout(vera, "here")
+    assert (layout.tuner, layout.shared, layout.adapted) == ("VERA", ("base_model.vera_A.x",), ("a.q_proj",))
+    assert plain_keys(vera, "x") == ({"a.q_proj.weight": vera[0]}, {MERGED: vera})
+    assert [is_trained_state(k, "x") for k in vera] == [False, True, False, True]  # vera_A per layer: a reference
+    assert read_layout([f"{P}a.ia3_l.default", f"{P}a.base_layer.weight"], "here").tuner == "IA3"
+    assert read_layout([f"{P}a.oft_R.default.weight", f"{P}a.base_layer.weight"], "here").tuner == "OFT"
+    adalora = [f"{P}a.lora_A.default", f"{P}a.lora_E.default", f"{P}a.ranknum.default", f"{P}a.base_layer.weight"]
+    assert read_layout(adalora, "here").tuner == "ADALORA"
+
+
+def test_pre_0_7_names_are_renamed_to_todays():
+    """PEFT before 0.7 kept an adapted module's own weights at <module>.weight (no base_layer)."""
+    keys = {
+        f"{P}model.layers.0.self_attn.q_proj.weight": "m.q.w",
+        f"{P}model.layers.0.self_attn.q_proj.bias": "m.q.b",
+        f"{P}model.layers.0.self_attn.q_proj.lora_A.default.weight": "m.q.a",
+        f"{P}model.layers.0.self_attn.q_proj.lora_B.default.weight": "m.q.bb",
+        f"{P}model.norm.weight": "m.n",
+    }
+    layout = read_layout(keys, "here")
+    assert layout.legacy and layout.base_layers == 1
+    assert normalized(keys, layout) == {
+        f"{P}model.layers.0.self_attn.q_proj.base_layer.weight": "m.q.w",
+        f"{P}model.layers.0.self_attn.q_proj.base_layer.bias": "m.q.b",
+        f"{P}model.layers.0.self_attn.q_proj.lora_A.default.weight": "m.q.a",
+        f"{P}model.layers.0.self_attn.q_proj.lora_B.default.weight": "m.q.bb",
+        f"{P}model.norm.weight": "m.n",
+    }
+    analysis = component_keys(keys, "here")
+    assert analysis.plain == {
+        "model.layers.0.self_attn.q_proj.weight": f"{P}model.layers.0.self_attn.q_proj.base_layer.weight",
+        "model.layers.0.self_attn.q_proj.bias": f"{P}model.layers.0.self_attn.q_proj.base_layer.bias",
+        "model.norm.weight": f"{P}model.norm.weight",
+    }
+    frozen_only = {f"{P}a.lora_A.default.weight": "x", f"{P}a.lora_B.default.weight": "y"}  # no base weights saved
+    assert not read_layout(frozen_only, "here").legacy
 
 
 def test_adapter_folder_keys_are_classified_by_peft_naming():
@@ -177,7 +232,7 @@ def test_adapter_folder_keys_are_classified_by_peft_naming():
             f"{P}model.layers.0.self_attn.q_proj.lora_magnitude_vector",
         ]
     )
-    assert classified.lora_modules == ("model.embed_tokens", "model.layers.0.self_attn.q_proj")
+    assert classified.adapted == ("model.embed_tokens", "model.layers.0.self_attn.q_proj")
     assert classified.modules_to_save == ("lm_head",)
     assert classified.token_modules == ("model.embed_tokens",)
     assert classified.base_layers == ("model.embed_tokens",)
@@ -190,17 +245,13 @@ def test_adapter_folder_keys_are_classified_by_peft_naming():
             [f"{P}a.lora_A.x.weight", f"{P}a.lora_B.x.weight", f"{P}b.lora_A.y.weight", f"{P}b.lora_B.y.weight"],
             "here: the checkpoint holds several adapters (x, y); ckpt2hf merges one;",
         ),
-        ([f"{P}a.weight"], "here: PEFT-wrapped keys without any LoRA adapter tensors; nothing to merge"),
-        (
-            [f"{P}a.lora_A.x.weight", f"{P}a.base_layer.weight"],
-            "here: 1 LoRA modules are incomplete: a (lora_A without lora_B);",
-        ),
+        ([f"{P}a.weight"], "here: PEFT-wrapped keys without any adapter tensors; nothing to merge"),
     ],
-    ids=["several-adapters", "no-adapter", "lora-a-alone"],
+    ids=["several-adapters", "no-adapter"],
 )
 def test_peft_layouts_that_cannot_be_merged(keys, message):
     with pytest.raises(ConvertError) as caught:
-        detect_peft_layout(keys, "here")
+        read_layout(keys, "here")
     assert str(caught.value).startswith(message)
 
 

@@ -170,7 +170,7 @@ def test_a_stale_adapter_folder_is_still_caught_beside_saved_embedding_layers(va
     tensors[key] = tensors[key] + 0.5
     save_file(tensors, path, metadata={"format": "pt"})
     line = refused(capsys, run, tmp_path)
-    assert " hold different LoRA weights (1 of 30 tensors differ, max abs diff 0.5" in line
+    assert " hold different adapter weights (1 of 30 tensors differ, max abs diff 0.5" in line
 
 
 def test_an_adapter_that_changes_nothing_is_refused_and_idle_modules_are_reported(
@@ -186,12 +186,12 @@ def test_an_adapter_that_changes_nothing_is_refused_and_idle_modules_are_reporte
     torch.save(state, ckpt)
     with caplog.at_level("WARNING", logger="converter"):
         run_convert(run, tmp_path / "some", lora_from="checkpoint")
-    assert "language_model: 2 of 6 LoRA modules have all-zero lora_B and change nothing" in caplog.text
+    assert "language_model: 2 of 6 adapted modules are unchanged by the merge" in caplog.text
     for key in b_keys:
         state["state_dict"][key].zero_()
     torch.save(state, ckpt)
     line = refused(capsys, run, tmp_path, "--lora-from", "checkpoint")
-    assert "the adapter changes nothing in language_model: all 6 LoRA modules have all-zero lora_B" in line
+    assert "the adapter changes nothing in language_model: all 6 adapted modules are unchanged by the merge" in line
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -237,7 +237,7 @@ def test_inspect_explains_each(variant_runs):
     assert vocab["trainable_token_indices"] == {"embed_tokens": [96, 97, 98]}
     assert vocab["found_by"] == "saved beside the adapter (lora_weights/)"
     lora = inspect_run(variant_runs["embedding-lora"])
-    assert lora["vocabulary"][0]["embedding_lora"] == ["lm_head", "model.embed_tokens"]
+    assert lora["vocabulary"][0]["embedding_adapter"] == ["lm_head", "model.embed_tokens"]
     assert lora["adapter_folder"]["matches_checkpoint"] is True
     assert lora["adapter_folder"]["base_layers_saved"] == ["lm_head", "model.embed_tokens"]
     whole = inspect_run(variant_runs["whole-vlm"])

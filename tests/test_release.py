@@ -84,7 +84,7 @@ def test_the_model_card_loads_and_its_snippet_runs(pano_export):
     assert card.data.base_model == ["language_model", "vision_encoder"]
     assert (card.data.library_name, card.data.license) == ("transformers", "apache-2.0")
     assert {"ckpt2hf", "lora-merged", "vision-language"} <= set(card.data.tags)
-    assert "r=32, alpha=64" in card.text and "global step 3" in card.text
+    assert "r=32, lora_alpha=64) on 14 modules" in card.text and "global step 3" in card.text
     snippet = re.search(r"```python\n(.*?)```", card.text, re.S).group(1)
     namespace: dict = {}
     exec(snippet.replace('"EXPORT"', repr(str(out))), namespace)  # our own card's code, nothing from a checkpoint

@@ -290,7 +290,10 @@ def test_lora_a_without_lora_b(run_copy, tmp_path, capsys):
     key = "model.language_model.base_model.model.model.layers.1.mlp.up_proj.lora_B.default.weight"
     _edit_checkpoint(run_copy, lambda c: c["state_dict"].pop(key))
     line = refused(capsys, run_copy, tmp_path)
-    assert "1 LoRA modules are incomplete: model.layers.1.mlp.up_proj (lora_A without lora_B)" in line
+    assert (
+        "(language_model): 1 adapter tensors the config describes are not in the checkpoint "
+        "(base_model.model.model.layers.1.mlp.up_proj.lora_B.default.weight); the checkpoint is damaged or was edited"
+    ) in line
 
 
 def test_config_whose_shapes_disagree(run_copy, tmp_path, capsys):

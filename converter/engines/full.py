@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .. import checks, precision
+from .. import policy, precision, verification
 from ..errors import ConvertError, preview
-from ..merge import build_peft_model, merge_and_unload
+from ..peft import build_peft_model, merge_and_unload
 from ..plan import PartPlan
 from ..policy import cast_checked, settled_tie
 from ..sources import Sources
@@ -30,8 +30,9 @@ class FullEngine(Engine):
 
     def write(self, part: PartPlan, folder: Path, verify: bool) -> FullWritten:
         reference = probe = None
-        if part.lora is not None:
-            state, reference, probe = self._merged_state(part, verify)
+        if part.adapter is not None:
+            state, reference, probe, idle = self._merged_state(part, verify)
+            part = dataclasses.replace(part, adapter=dataclasses.replace(part.adapter, idle=idle))
         else:
             state = {t.name: self.sources.read(t.source) for t in self._bar(part.tensors, part.name)}
         tie = part.tie
@@ -48,16 +49,16 @@ class FullEngine(Engine):
         return FullWritten(part, hashes, precision, self.sources, self.device, reference, probe)
 
     def _precision(self, part: PartPlan, state: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
-        """How much of each merged tensor's LoRA delta a 16-bit export keeps; the base values are read again from
+        """How much of each merged tensor's adapter delta a 16-bit export keeps; the base values are read again from
         their source, one tensor at a time."""
-        if part.lora is None:
+        if part.adapter is None:
             return {}
-        layers = {layer.module: dict(layer.inputs) for layer in part.lora.layers}
+        units = {unit.module: unit for unit in part.adapter.units}
         figures = {}
         for t in part.tensors:
             if t.merged_from is None or not precision.wanted(t.dtype):
                 continue
-            ref = layers[t.merged_from].get(f"base_layer.{t.name.removeprefix(t.merged_from + '.')}")
+            ref = units[t.merged_from].base_input(t.name.removeprefix(t.merged_from + "."))
             if ref is None:
                 continue
             before = self.sources.read(ref).to(self.device)
@@ -72,21 +73,32 @@ class FullEngine(Engine):
     def _bar(self, items: Any, name: str) -> Any:
         return tqdm(items, desc=f"reading {name}", unit="tensor", disable=not self.progress, leave=False)
 
-    def _merged_state(self, part: PartPlan, verify: bool) -> tuple[dict[str, torch.Tensor], Any, Any]:
-        """Build the unmerged PEFT model in float32, load the sources, record reference logits, merge; return the
-        plain state."""
-        lora = part.lora
-        model = build_peft_model(part.auto_class, part.config, lora.config, lora.adapter_name, self.device)
+    def _merged_state(self, part: PartPlan, verify: bool) -> tuple[dict[str, torch.Tensor], Any, Any, tuple]:
+        """Build the unmerged PEFT model in float32, load the sources, record reference outputs, merge; return the
+        plain state, the reference, the probe and the units the merge left unchanged."""
+        adapter = part.adapter
+        where = str(self._checkpoint_path(part))
+        model = build_peft_model(part.auto_class, part.config, adapter.config, adapter.adapter_name, self.device, where)
         params = model.state_dict()
         with torch.no_grad():
             for rel, ref in self._bar(part.inputs.items(), part.name):
                 params[rel].copy_(self.sources.read(ref))
         del params
         reference = probe = None
-        if verify and (found := checks.probe_inputs(part.auto_class, part.config)) is not None:
+        if verify and (found := verification.probe_inputs(part.auto_class, part.config)) is not None:
             probe = found
-            reference = checks.model_outputs(model.get_base_model(), probe[0])
-        state = dict(merge_and_unload(model, self.progress).state_dict())
+            reference = verification.model_outputs(model.get_base_model(), probe[0])
+        bases = {u.module: model.get_submodule(u.path).get_base_layer() for u in adapter.units}
+        sampled = {m: policy.sample(dict(b.named_parameters(recurse=False))) for m, b in bases.items()}
+        state = dict(merge_and_unload(model, self.progress, where).state_dict())
+        idle = []
+        for unit in adapter.units:
+            params = dict(bases[unit.module].named_parameters(recurse=False))
+            if policy.changed(params, sampled[unit.module]):
+                continue
+            originals = {n: self.sources.read(r) for n in params if (r := unit.base_input(n)) is not None}
+            if len(originals) == len(params) and policy.unchanged(params, originals):
+                idle.append(unit.module)
         planned = {t.name for t in part.candidates}
         extra, missing = sorted(set(state) - planned), sorted(planned - set(state))
         if part.tie is not None and part.tie.configured and part.tie.head in extra:
@@ -94,10 +106,10 @@ class FullEngine(Engine):
             state.pop(part.tie.head)
         if extra or missing:
             raise ConvertError(
-                f"{self._checkpoint_path(part)} ({part.name}): merge_and_unload gave other keys than planned: "
+                f"{where} ({part.name}): merge_and_unload gave other keys than planned: "
                 f"extra {preview(extra, 3)}, missing {preview(missing, 3)}"
             )
-        return state, reference, probe
+        return state, reference, probe, tuple(idle)
 
 
 @dataclasses.dataclass
@@ -113,18 +125,18 @@ class FullWritten(Written):
         result: dict[str, Any] = {}
         model = None
         if part.auto_class is not None:
-            model = checks.load_clean(folder, part.auto_class, self.device)
+            model = verification.load_clean(folder, part.auto_class, self.device)
             result["loads_clean"] = True
-        written = checks.read_written(folder)
+        written = verification.read_written(folder)
         if set(written) != {t.name for t in part.tensors}:
             raise ConvertError(f"{folder}: the written keys differ from the plan's")
         copies = {t.name: self.sources.read(t.source) for t in part.tensors if t.source is not None}
-        result["exact_tensors"] = checks.exact_copies(written, copies, str(folder))
+        result["exact_tensors"] = verification.exact_copies(written, copies, str(folder))
         if part.auto_class is not None:
             result["merged_tensors"] = len(written) - result["exact_tensors"]
         if self.reference is not None:
             inputs, what = self.probe
-            exported = checks.model_outputs(model, inputs)
-            result.update(checks.compare_outputs(self.reference, exported, part.check_dtype, str(folder), what))
+            exported = verification.model_outputs(model, inputs)
+            result.update(verification.compare_outputs(self.reference, exported, part.check_dtype, str(folder), what))
             result["probe"] = {name: list(t.shape) for name, t in inputs.items()}
         return result

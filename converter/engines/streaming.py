@@ -1,13 +1,14 @@
-"""The streaming engine: tensor by tensor, in bounded memory, with PEFT's own per-layer ``merge()``.
+"""The streaming engine: tensor by tensor, in bounded memory, with PEFT's own per-module merge.
 
 For each output tensor, in the order of the export's files: a copied tensor is read in row chunks from its source
 (checked on the way), cast and handed to a background writer; a merged weight is produced by materialising only
-its PEFT layer (base weight, lora_A, lora_B, DoRA magnitude...) in float32 on the merge device, calling the
-layer's ``merge()`` -- the same call ``merge_and_unload`` makes -- and casting the result. The PEFT model itself
-lives on the meta device. Peak memory is about one layer plus a few chunks, whatever the model's size.
+its merge unit (the wrapped module's weights and the adapter's state, whatever the tuner) in float32 on the merge
+device, merging it with the call ``merge_and_unload`` makes for it (``units``), and casting the result. The PEFT
+model itself lives on the meta device. Peak memory is about one unit plus a few chunks, whatever the model's size.
 
-Verification streams too: each merged layer's output on a random input is compared with the unmerged layer's
-before its memory is released; copied tensors are read back from the written files and checked against their
+Verification streams too: each merged unit's output on a random input is compared with the unmerged layer's
+before its memory is released (a Linear, Conv1D or Embedding; fused expert weights have no forward of their own
+and are counted as not probed); copied tensors are read back from the written files and checked against their
 sources (against the checksum the source stores where the bytes are unchanged, value by value where the dtype
 changed); and the folder is reloaded by ``from_pretrained`` onto the meta device (key names, shapes and the load
 report, without reading data).
@@ -25,27 +26,18 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .. import checks, precision
+from .. import verification
 from ..errors import ConvertError
-from ..merge import build_peft_model, merge_layer
 from ..names import SAFETENSORS_METADATA
-from ..plan import MergeLayer, OutTensor, PartPlan
+from ..plan import OutTensor, PartPlan
 from ..policy import cast_checked, settled_tie, tolerance
 from ..sources import Sources, TensorRef
 from ..sources.safetensors import SafetensorsSource
 from .base import Engine, Written
 from .streams import FileLayout, ReadAhead, SafetensorsStream
+from .units import UnitMerger
 
 log = logging.getLogger(__name__)
-
-
-def _probe(base: torch.nn.Module, device: torch.device, generator: torch.Generator) -> torch.Tensor:
-    """A random input for a PEFT layer's base module (Linear, Conv1D, Embedding)."""
-    if isinstance(base, torch.nn.Embedding):
-        return torch.randint(0, base.num_embeddings, (8,), generator=generator).to(device)
-    weight = base.weight
-    fan_in = weight.shape[0] if type(base).__name__ == "Conv1D" else weight.shape[1]
-    return torch.randn(8, fan_in, generator=generator).to(device)
 
 
 def _return_freed_memory_to_the_os() -> None:
@@ -83,7 +75,8 @@ class StreamingEngine(Engine):
 class StreamingWritten(Written):
     sources: Sources
     device: torch.device
-    layer_checks: list[float]  # relative max abs output difference per merged layer
+    layer_checks: list[float]  # relative max abs output difference per merged unit
+    unprobed: int = 0  # merged units whose module has no forward to probe on its own
 
     def verify(self, folder: Path) -> dict[str, Any]:
         """Reload onto the meta device; read copied tensors back and check them against their sources."""
@@ -91,11 +84,11 @@ class StreamingWritten(Written):
         sources.wait()  # a corrupt source is reported as such, not as a bad write
         result: dict[str, Any] = {}
         if part.auto_class is not None:
-            checks.load_clean(folder, part.auto_class, self.device, device_map="meta")
+            verification.load_clean(folder, part.auto_class, self.device, device_map="meta")
             result["loads_clean"] = True
         copies = {t.name: t for t in part.tensors if t.source is not None}
         exact = 0
-        for name in checks.written_files(folder):
+        for name in verification.written_files(folder):
             written = SafetensorsSource(folder / name, sources.reader)
             for key in written.keys():
                 if key in copies:
@@ -116,6 +109,7 @@ class StreamingWritten(Written):
                 max_rel_layer_output_diff=worst,
                 layer_tolerance=tol,
                 layers_checked=len(self.layer_checks),
+                layers_not_probed=self.unprobed,
             )
         return result
 
@@ -153,30 +147,13 @@ class _PartWriter:
     def __init__(self, engine: StreamingEngine, part: PartPlan, verify: bool) -> None:
         self.engine, self.part, self.verify = engine, part, verify
         self.sources, self.device = engine.sources, engine.device
-        self.generator = torch.Generator().manual_seed(1234)
-        self.layer_checks: list[float] = []
-        self.precision: dict[str, dict[str, float]] = {}
         self.sha: dict[str, str] = {}
         self._merged: dict[str, torch.Tensor] = {}
-        self.layers: dict[str, MergeLayer] = {}
-        self.peft = None
-        if part.lora is not None:
-            lora = part.lora
-            self.peft = build_peft_model(part.auto_class, part.config, lora.config, lora.adapter_name, "meta")
-            self.layers = {layer.module: layer for layer in lora.layers}
-
-    def _where(self, ref: TensorRef) -> Path:
-        return self.sources.path(ref)
-
-    # --- merge ---------------------------------------------------------------------------------------------
-    def _layer_sources(self, layer: MergeLayer) -> dict[str, torch.Tensor]:
-        """The source tensors of one layer, each in a buffer of its own with its checksum checked: merge() adds
-        into the base weight in place. Runs on the read thread."""
-        return {name: self.sources.read(ref, writable=True, pooled=True) for name, ref in layer.inputs}
+        self.merger = UnitMerger(part, self.sources, self.device, verify) if part.adapter is not None else None
 
     def settle_tie(self) -> None:
-        """LoRA changes lm_head or the embeddings of a tied base: merge both first (they are written later from
-        memory) and tie them only if the merged values are equal, as the full engine does."""
+        """The adapter changes lm_head or the embeddings of a tied base: merge both first (they are written later
+        from memory) and tie them only if the merged values are equal, as the full engine does."""
         part = self.part
         tie = part.tie
         tensors = {t.name: t for t in part.candidates}
@@ -187,59 +164,12 @@ class _PartWriter:
             if tensor.merged_from is None:
                 values[key] = self.sources.read(tensor.source).float()
             elif key not in values:
-                layer = self.layers[tensor.merged_from]
-                self._merge(layer, self._layer_sources(layer), dtypes, keep=values)
+                unit = self.merger.units[tensor.merged_from]
+                self._merged.update(self.merger.merge(unit, self.merger.read(unit), dtypes, keep=values))
         tie = settled_tie(tie, torch.equal(values[tie.head], values[tie.embed]), "after the merge")
         self.part = dataclasses.replace(part, tie=tie)
         if tie.tied:
             self._merged.pop(tie.head, None)
-
-    def _merge(
-        self,
-        layer: MergeLayer,
-        inputs: dict[str, torch.Tensor],
-        dtypes: dict[str, torch.dtype],
-        keep: dict[str, torch.Tensor] | None = None,
-    ) -> None:
-        """Materialise one layer in float32 on the device, merge it with PEFT, keep its base parameters (and, into
-        ``keep``, their float32 values before the cast)."""
-        module = self.peft.get_submodule(layer.path)
-        state = {name: t.to(self.device, torch.float32, non_blocking=True) for name, t in inputs.items()}
-        module.load_state_dict(state, assign=True, strict=True)
-        base = module.get_base_layer()
-        where = self._where(layer.inputs[0][1])
-        with torch.no_grad():
-            if self.verify:
-                x = _probe(base, self.device, self.generator)
-                reference = module(x)
-            before = {  # the base values, where the precision report needs them (a 16-bit export)
-                pname: param.detach().clone()
-                for pname, param in base.named_parameters(recurse=False)
-                if precision.wanted(dtypes[f"{layer.module}.{pname}"])
-            }
-            merge_layer(module, self.part.lora.adapter_name)
-            written = set()  # storages that go to the writer, which releases them once written
-            for pname, param in base.named_parameters(recurse=False):
-                key = f"{layer.module}.{pname}"
-                if keep is not None:
-                    keep[key] = param.detach().to("cpu", copy=True)
-                if pname in before and (found := precision.measure(before.pop(pname), param, dtypes[key])):
-                    self.precision[key] = found
-                cast = cast_checked(key, param.detach(), dtypes[key], where)
-                self._merged[key] = cast
-                written.add(cast.untyped_storage().data_ptr())
-            if self.verify:
-                base.weight.data = self._merged[f"{layer.module}.weight"].to(torch.float32)
-                if getattr(base, "bias", None) is not None:
-                    base.bias.data = self._merged[f"{layer.module}.bias"].to(torch.float32)
-                got = module(x)  # merged: the base module alone, with the weights as written
-                diff = float((got - reference).abs().max()) / max(1.0, float(reference.abs().max()))
-                self.layer_checks.append(diff)
-        module.to_empty(device="meta")
-        # A source buffer merged in place and written as it is belongs to the writer now; the others go back now.
-        for tensor in inputs.values():
-            if tensor.untyped_storage().data_ptr() not in written:
-                self.sources.release(tensor)
 
     # --- writing -------------------------------------------------------------------------------------------
     def write(self, folder: Path) -> StreamingWritten:
@@ -273,18 +203,29 @@ class _PartWriter:
             raise
         bar.close()
         layout.write_index(folder)
-        return StreamingWritten(part, dict(self.sha), self.precision, self.sources, self.device, self.layer_checks)
+        merger = self.merger
+        if merger is not None:
+            part = dataclasses.replace(part, adapter=dataclasses.replace(part.adapter, idle=tuple(merger.idle)))
+        return StreamingWritten(
+            part,
+            dict(self.sha),
+            merger.precision if merger else {},
+            self.sources,
+            self.device,
+            merger.layer_checks if merger else [],
+            merger.unprobed if merger else 0,
+        )
 
     def _sources(self, order: list[OutTensor]) -> Iterator[tuple[str, Any, bool]]:
-        """What the writer consumes, in its order (runs on the read thread): ``(module, layer sources, True)`` once
-        per merged layer, before its first parameter; ``(name, rows, last)`` for the pieces of a copied tensor."""
+        """What the writer consumes, in its order (runs on the read thread): ``(module, unit sources, True)`` once
+        per merge unit, before its first parameter; ``(name, rows, last)`` for the pieces of a copied tensor."""
         merged = {t.merged_from for t in order if t.name in self._merged}  # merged already (a tie settled)
         for tensor in order:
             module = tensor.merged_from
             if module is not None:
                 if module not in merged:
                     merged.add(module)
-                    yield module, self._layer_sources(self.layers[module]), True
+                    yield module, self.merger.read(self.merger.units[module]), True
                 continue
             previous = None
             for _, _, piece in self.sources.chunks(tensor.source, pooled=True):
@@ -300,12 +241,12 @@ class _PartWriter:
         module = tensor.merged_from
         if module is not None:
             if tensor.name not in self._merged:
-                got, layer_sources, _ = next(sources)
+                got, unit_sources, _ = next(sources)
                 assert got == module, (got, module)
-                self._merge(self.layers[module], layer_sources, dtypes)
+                self._merged.update(self.merger.merge(self.merger.units[module], unit_sources, dtypes))
             stream.write(tensor.name, self._merged.pop(tensor.name))
             return
-        last, where = False, self._where(tensor.source)
+        last, where = False, self.sources.path(tensor.source)
         while not last:
             got, piece, last = next(sources)
             assert got == tensor.name, (got, tensor.name)

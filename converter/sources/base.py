@@ -171,6 +171,11 @@ class Sources:
     def add(self, name: str, source: TensorSource) -> None:
         self._sources[name] = source
 
+    def extended(self) -> Sources:
+        """A new set of the same sources and reader, to which more can be added; this one stays as it is. Closing
+        either closes the sources both hold."""
+        return Sources(self.reader, self._sources)
+
     def __getitem__(self, name: str) -> TensorSource:
         return self._sources[name]
 

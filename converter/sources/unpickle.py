@@ -186,6 +186,16 @@ class Placeholder:
         return self.__dict__["state"]
 
     @property
+    def called(self) -> bool:
+        """Whether the pickle called the global (REDUCE) rather than only creating the object."""
+        return self.__dict__["called"]
+
+    @property
+    def recorded_items(self) -> list[Any]:
+        """What the pickle appended or set into the object (a list or dict subclass)."""
+        return self.__dict__["items"]
+
+    @property
     def recorded_args(self) -> tuple[Any, ...]:
         """The arguments the pickle built the object with (an enum's value, a namedtuple's fields)."""
         return self.__dict__["args"]

@@ -1,9 +1,10 @@
-"""Checks that read data: before writing, what the plan left to the values (``settle``); after writing, that each
-folder loads cleanly and matches its sources (``load_clean``, ``compare_logits``, ``exact_copies``)."""
+"""After writing: that each folder loads cleanly and matches its sources. One place decides what is verified and
+against which tolerance: a clean reload (``load_clean``), outputs against the unmerged model's (``compare_outputs``,
+the tolerance of ``policy``), copies bit for bit (``exact_copies``). The engines call these from their
+``Written.verify``; the streaming engine's per-unit output check uses the same tolerance."""
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 import logging
@@ -17,89 +18,12 @@ from safetensors import safe_open
 from torch import nn
 
 from .errors import ConvertError, preview
-from .lora import compare_sources
 from .names import WEIGHTS, WEIGHTS_INDEX
-from .plan import PartPlan, Plan
-from .policy import settled_tie, tolerance
-from .sources import Sources
+from .policy import tolerance
 
 log = logging.getLogger(__name__)
 
 
-# --- before writing ----------------------------------------------------------------------------------------------
-def settle(plan: Plan, sources: Sources) -> Plan:
-    """The plan with what only data can tell filled in: the checkpoint's LoRA tensors compared with the adapter
-    folder's (``LoraPlan.comparison``), and a tie that the stored checksums could not decide, decided by value."""
-    return dataclasses.replace(plan, parts=tuple(_settle_part(part, sources) for part in plan.parts))
-
-
-B_FACTORS = ("lora_B", "lora_embedding_B")
-
-
-def _idle_layers(part: PartPlan, sources: Sources) -> list[str]:
-    """The LoRA layers whose B factors are all zeros (never trained, or a partial save): they change nothing.
-    A DoRA layer's magnitude may still change its weight: it is not counted."""
-    idle = []
-    for layer in part.lora.layers:
-        names = [name for name, _ in layer.inputs]
-        if any(n.split(".")[0] == "lora_magnitude_vector" for n in names) or "token_adapter" in layer.path:
-            continue
-        factors = [ref for name, ref in layer.inputs if name.split(".")[0] in B_FACTORS]
-        if factors and all(not sources.read(ref).any() for ref in factors):
-            idle.append(layer.module)
-    return idle
-
-
-def _saved_copies_changed(part: PartPlan, sources: Sources) -> bool:
-    """Whether any modules_to_save copy differs from its original (the copy is what training changed)."""
-    for rel, ref in part.inputs.items():
-        parts = rel.split(".")
-        if "modules_to_save" in parts:
-            i = parts.index("modules_to_save")
-            original = ".".join([*parts[:i], "original_module", *parts[i + 2 :]])
-            if original in part.inputs and not sources.equal(ref, part.inputs[original])[0]:
-                return True
-    return False
-
-
-def _settle_part(part: PartPlan, sources: Sources) -> PartPlan:
-    lora, tie = part.lora, part.tie
-    if lora is not None and lora.layers:
-        idle = _idle_layers(part, sources)
-        if len(idle) == len([layer for layer in lora.layers if "token_adapter" not in layer.path]):
-            changes = lora.layout.token_modules or _saved_copies_changed(part, sources)
-            if not changes:
-                raise ConvertError(
-                    f"{lora.adapter_folder or sources.path(next(iter(part.inputs.values())))}: the adapter changes "
-                    f"nothing in {part.name}: all {len(idle)} LoRA modules have all-zero lora_B (never trained, or "
-                    "saved from one rank of a sharded run) and no trained copy differs; the export would be the base "
-                    "model under a fine-tune's name; convert the checkpoint that holds the training"
-                )
-        if idle:
-            log.warning(
-                "%s: %d of %d LoRA modules have all-zero lora_B and change nothing (never trained, or saved from one "
-                "rank of a sharded run): %s",
-                part.name,
-                len(idle),
-                len(lora.layers),
-                preview(idle, 3),
-            )
-        lora = dataclasses.replace(lora, idle=tuple(idle))
-    if lora is not None and lora.pairing is not None:
-        comparison = compare_sources(lora.pairing, part.keys, sources)
-        log.info(
-            "LoRA sources: checkpoint and %s %s",
-            lora.adapter_folder,
-            "agree" if comparison.equal else f"differ; using the {lora.tensors_from}",
-        )
-        lora = dataclasses.replace(lora, comparison=comparison)
-    if tie is not None and not tie.settled and not tie.after_merge:
-        head, embed = (part.inputs[part.plain[k]] for k in (tie.head, tie.embed))
-        tie = settled_tie(tie, sources.equal(head, embed)[0], "compared by value")
-    return dataclasses.replace(part, lora=lora, tie=tie)
-
-
-# --- after writing -----------------------------------------------------------------------------------------------
 class _Capture(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.WARNING)

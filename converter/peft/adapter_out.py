@@ -1,8 +1,9 @@
-"""``--adapter-out DIR``: the run's adapter as a clean PEFT folder, for people who keep fine-tuning or serve
-adapters. PEFT's own ``get_peft_model_state_dict`` names the tensors (standard keys, no Lightning prefixes, no adapter
-name), so ``PeftModel.from_pretrained(base, DIR)`` rebuilds the unmerged model; ``adapter_config.json`` names the
-base (its hub id, else its folder's name). A run that added tokens also ships its tokenizer there, and its resized
-embeddings (the base has to be resized to ``len(tokenizer)`` rows before loading, as in training)."""
+"""``--adapter-out DIR``: the run's adapter as a clean PEFT folder of the same type, for people who keep fine-tuning
+or serve adapters. PEFT's own ``get_peft_model_state_dict`` selects and names the tensors (standard keys, no
+Lightning prefixes, no adapter name; each tuner's own rules), so ``PeftModel.from_pretrained(base, DIR)`` rebuilds the
+unmerged model; ``adapter_config.json`` names the base (its hub id, else its folder's name). A run that added tokens
+also ships its tokenizer there, and its resized embeddings (the base has to be resized to ``len(tokenizer)`` rows
+before loading, as in training)."""
 
 from __future__ import annotations
 
@@ -15,45 +16,42 @@ from typing import Any
 
 import torch
 
-from .errors import ConvertError
-from .merge import build_peft_model, library_warnings_to_log
-from .names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SAFETENSORS_METADATA
-from .plan import PartPlan, Plan
-from .sources import Sources
-from .vocab import BASE
-
-log = logging.getLogger(__name__)
-
-ADAPTER_MARKS = ("lora_", "modules_to_save", "trainable_tokens", "token_adapter")
+from ..errors import ConvertError
+from ..names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SAFETENSORS_METADATA
+from ..sources import Sources
+from .config import library_warnings_to_log
+from .keys import TOKEN_ADAPTER, is_adapter_state, plain_module
 
 
-def _adapter_state(part: PartPlan, sources: Sources) -> dict[str, torch.Tensor]:
-    """The PEFT model's state that PEFT's own filter may keep: adapter tensors, saved modules and the embeddings
-    (read from the sources); the frozen weights of the other layers are not read."""
-    embeddings = [k.removesuffix(".weight") for k in (part.tie.embed, part.tie.head) if k] if part.tie else []
+def _adapter_state(part: Any, sources: Sources) -> dict[str, torch.Tensor]:
+    """The PEFT model's state that PEFT's own selection may keep: adapter state, saved modules, token adapters and
+    the embeddings (read from the sources); the frozen weights of the other layers are not read."""
+    adapter = part.adapter.adapter_name
+    embeddings = {k.removesuffix(".weight") for k in (part.tie.embed, part.tie.head) if k} if part.tie else set()
     state = {}
     for rel, ref in part.inputs.items():
-        if any(mark in rel for mark in ADAPTER_MARKS) or any(f".{m}." in f".{rel}" for m in embeddings):
+        module = plain_module(rel.removeprefix("base_model.model.")).rsplit(".", 1)[0]
+        if is_adapter_state(rel, adapter) or TOKEN_ADAPTER in rel.split(".") or module in embeddings:
             state[rel] = sources.read(ref).contiguous()
     return state
 
 
-def write_adapter(part: PartPlan, sources: Sources, folder: Path) -> list[str]:
+def write_adapter(part: Any, sources: Sources, folder: Path) -> list[str]:
     """Write ``part``'s adapter into ``folder`` (which exists); returns the file names written."""
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
-    lora = part.lora
-    model = build_peft_model(part.auto_class, part.config, lora.config, lora.adapter_name, "meta")
-    config = copy.deepcopy(lora.config)
-    model.peft_config[lora.adapter_name] = offline = copy.deepcopy(config)
+    plan = part.adapter
+    model = copy.deepcopy(plan.meta_model)
+    config = copy.deepcopy(plan.config)
+    model.peft_config[plan.adapter_name] = offline = copy.deepcopy(config)
     offline.base_model_name_or_path = None  # PEFT's "auto" then decides from the model alone, without the hub
     resized = part.vocab_resized is not None
     with library_warnings_to_log():
         tensors = get_peft_model_state_dict(
             model,
             state_dict=_adapter_state(part, sources),
-            adapter_name=lora.adapter_name,
+            adapter_name=plan.adapter_name,
             save_embedding_layers=True if resized else "auto",
         )
     if not tensors:
@@ -68,27 +66,23 @@ def write_adapter(part: PartPlan, sources: Sources, folder: Path) -> list[str]:
     save_file(tensors, weights, metadata=dict(SAFETENSORS_METADATA))
     os.chmod(weights, (folder / ADAPTER_CONFIG).stat().st_mode & 0o666)  # save_file's 0600, like its neighbours
     written = [ADAPTER_CONFIG, ADAPTER_WEIGHTS[0]]
-    if part.tokenizer is not None and part.tokenizer.found_by != BASE:
+    if part.tokenizer is not None and part.tokenizer.shipped_from_run:
         for name in part.tokenizer.files:
             shutil.copyfile(part.tokenizer.path / name, folder / name)
         written += list(part.tokenizer.files)
     back = load_file(weights)
     if back.keys() != tensors.keys() or any(not torch.equal(back[k], v) for k, v in tensors.items()):
         raise ConvertError(f"{weights}: the adapter was not written exactly; the disk may be failing")
-    log.info("%s: adapter written to %s (%d tensors)", part.name, folder, len(tensors))
+    logging.getLogger(__name__).info("%s: adapter written to %s (%d tensors)", part.name, folder, len(tensors))
     return written
 
 
-def adapter_parts(plan: Plan) -> list[PartPlan]:
-    """The parts with an adapter: one goes into DIR itself, several into DIR/<part folder>/."""
-    return [p for p in plan.parts if p.lora is not None]
-
-
-def write_adapters(plan: Plan, sources: Sources, root: Path) -> dict[str, Any]:
-    """Write every part's adapter under ``root``; returns the manifest's record (folders relative to ``root``)."""
-    parts = adapter_parts(plan)
+def write_adapters(plan: Any, sources: Sources, root: Path) -> dict[str, Any]:
+    """Write every part's adapter under ``root`` (one part into ``root`` itself, several into ``root/<part
+    folder>/``); returns the manifest's record (folders relative to ``root``)."""
+    parts = [p for p in plan.parts if p.adapter is not None]
     if not parts:
-        raise ConvertError(f"{plan.inputs.checkpoint}: --adapter-out: the run has no LoRA adapter to write")
+        raise ConvertError(f"{plan.inputs.checkpoint}: --adapter-out: the run has no adapter to write")
     record = {}
     for part in parts:
         folder = root / part.out if len(parts) > 1 else root
@@ -98,5 +92,6 @@ def write_adapters(plan: Plan, sources: Sources, root: Path) -> dict[str, Any]:
             "folder": folder.relative_to(root).as_posix() or ".",
             "files": files,
             "base": part.base.name if part.base else None,
+            "peft_type": part.adapter.peft_type,
         }
     return record
