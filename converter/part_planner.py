@@ -109,6 +109,7 @@ class PartPlanner:
         ckpt = opened.checkpoint
         base = resolve_base(comp, ckpt.hparams, opened.inputs.run, self.opts.bases, ckpt.path)
         config = copy.deepcopy(load_base_config(base))
+        self.hf_config = config
         base_vocab = getattr(config.get_text_config(), "vocab_size", None)
         peft_config, config_from = self._adapter_config()
         dtype = part_dtype(self.opts.dtype, config)
@@ -186,7 +187,7 @@ class PartPlanner:
         if folder is not None:
             folder_keys = component_adapter_keys(folder.source.keys(), self.comp.prefix, opened.split.outer.peft)
         states = frozenset(rel for weight in quantized.values() for rel in weight.values())
-        plan, self.inputs, added = plan_adapter(
+        plan, self.inputs = plan_adapter(
             AdapterInputs(
                 where=self.where,
                 layout=self.analysis.peft,
@@ -200,11 +201,10 @@ class PartPlanner:
                 folder_keys=folder_keys,
                 lora_from=self.opts.lora_from,
                 checkpoint=str(opened.inputs.checkpoint),
-                component=self.comp.name,
+                auto_class=AUTO_CLASS[self.comp.kind],
+                hf_config=self.hf_config,
             )
         )
-        for name, source in added.items():
-            self.sources.add(name, source)
         return plan
 
     def base_weights(self, base: BaseRef, why: str) -> tuple[str, SpanSource]:

@@ -13,7 +13,7 @@ import logging
 import os
 
 from .discover import RunInputs, find_inputs
-from .errors import ConvertError
+from .errors import ConvertError, preview
 from .keymap import Split, split_components
 from .layout import LayoutConfig, load_layout
 from .names import ADAPTER, CHECKPOINT
@@ -125,7 +125,9 @@ def build_plan(opened: Opened, opts: ConvertOptions) -> Plan:
         frozen_excluded=ckpt.frozen_excluded,
         sources=sources,
     )
-    return dataclasses.replace(plan, engine=choose_engine(opts, plan.parts))
+    engine = choose_engine(opts, plan.parts)
+    refuse_streaming(plan.parts, engine)
+    return dataclasses.replace(plan, engine=engine)
 
 
 def choose_engine(opts: ConvertOptions, parts: tuple[PartPlan, ...]) -> str:
@@ -143,7 +145,24 @@ def choose_engine(opts: ConvertOptions, parts: tuple[PartPlan, ...]) -> str:
         raise ConvertError(f"--max-memory {opts.max_memory}: not a size; use e.g. 8GB") from exc
     # The full engine holds the float32 model, the merged copy being cast and the output: about 3x float32.
     largest = max((sum(t.numel for t in p.candidates) * 4 for p in parts), default=0)
+    if any(p.adapter is not None and p.adapter.base_dependent != () for p in parts) and 3 * largest <= limit:
+        # The merge reads (or may read: untested) state PEFT computes from the base weights when it builds the model
+        # (PSOFT): only the whole model, built as for training, has it as training had it.
+        return "full"
     return "streaming" if largest > STREAM_ABOVE or 3 * largest > limit else "full"
+
+
+def refuse_streaming(parts: tuple[PartPlan, ...], engine: str) -> None:
+    """The streaming engine cannot rebuild state PEFT computes from the base weights of the whole model."""
+    if engine != "streaming":
+        return
+    for part in parts:
+        if part.adapter is not None and part.adapter.base_dependent:
+            raise ConvertError(
+                f"{part.name}: the {part.adapter.title} adapter's merge reads state PEFT computes from the base "
+                f"weights when it builds the model ({preview(list(part.adapter.base_dependent), 2)}); the streaming "
+                "engine builds one module at a time and cannot have it; use --engine full"
+            )
 
 
 def _ram() -> int:

@@ -1,7 +1,8 @@
 """Runs that other processes train while the tests run: multi-GPU runs (two gloo ranks, tests/distributed.py), the
 PEFT variants (tests/variants.py, trained by the last rank once its multi-GPU work is done, so that the libraries
-are imported by as few processes as possible) and the consumer tests' export and GGUF (tests/consumers.py, made by
-the first rank). Their tests run last (tests/conftest.py)."""
+are imported by as few processes as possible), the consumer tests' export and GGUF (tests/consumers.py, made by
+the first rank) and the runs of PEFT's other tuners (tests/tuners.py, the first rank after that).
+ Their tests run last (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import distributed
+import tuners
 import variants
 from helpers import REPO
 
@@ -32,6 +34,9 @@ def _main(rank: int, world: int, roots: dict[str, str], bases: list[str], port: 
 
         consumers.build(roots["consumers"], bases[0])
         _done(roots["consumers"], 0)
+    if "tuners" in roots and rank == 0:
+        tuners.build_all(roots["tuners"])
+        _done(roots["tuners"], 0)
 
 
 def _done(root: str, rank: int) -> None:
@@ -79,4 +84,5 @@ class Background:
             import consumers
 
             return dict(zip(("export", "gguf_read"), consumers.outputs(self.roots[kind]), strict=True))
-        return {name: self.roots[kind] / "runs" / name for name in variants.VARIANTS}
+        names = tuners.TUNERS if kind == "tuners" else variants.VARIANTS
+        return {name: self.roots[kind] / "runs" / name for name in names}

@@ -84,7 +84,7 @@ def pano_export(pano_run, tmp_path_factory):
 
 
 # Made by other processes while the tests run; the tests that need them go last, in this order.
-BACKGROUND = ("example_process", "distributed_runs", "variant_runs", "consumer_export")
+BACKGROUND = ("example_process", "distributed_runs", "variant_runs", "consumer_export", "tuner_runs")
 
 
 def _needs(item, fixture: str) -> bool:
@@ -109,6 +109,7 @@ def _background(request, tmp_path_factory, bases):
         "distributed_runs": "distributed",
         "variant_runs": "variants",
         "consumer_export": "consumers",
+        "tuner_runs": "tuners",
     }
     return Background({kinds[f]: tmp_path_factory.mktemp(kinds[f]) for f in wanted}, bases)
 
@@ -123,6 +124,12 @@ def distributed_runs(_background) -> dict[str, Path]:
 def variant_runs(_background) -> dict[str, Path]:
     """PEFT runs made the ways real VLM projects make them (tests/variants.py)."""
     return _background.runs("variants")
+
+
+@pytest.fixture(scope="session")
+def tuner_runs(_background) -> dict[str, Path]:
+    """Runs of PEFT's other tuners, the PEFT config object in the hyper-parameters (tests/tuners.py)."""
+    return _background.runs("tuners")
 
 
 @pytest.fixture(scope="session")

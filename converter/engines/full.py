@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .. import policy, precision, verification
 from ..errors import ConvertError, preview
-from ..peft import build_peft_model, merge_and_unload
+from ..peft import build_peft_model, merge_and_unload, shape_like_folder
 from ..plan import PartPlan
 from ..policy import cast_checked, settled_tie
 from ..sources import Sources
@@ -78,7 +78,16 @@ class FullEngine(Engine):
         plain state, the reference, the probe and the units the merge left unchanged."""
         adapter = part.adapter
         where = str(self._checkpoint_path(part))
-        model = build_peft_model(part.auto_class, part.config, adapter.config, adapter.adapter_name, self.device, where)
+
+        def base_weights() -> dict[str, torch.Tensor]:
+            """The base model's state as training began (the adapted modules' weights before the merge): PEFT's
+            initialisation may compute with them. (Everything is loaded again once PEFT has wrapped the model.)"""
+            return {key: self.sources.read(part.inputs[rel]) for key, rel in part.plain.items()}
+
+        model = build_peft_model(
+            part.auto_class, part.config, adapter.config, adapter.adapter_name, self.device, where, base_weights
+        )
+        shape_like_folder(model, adapter.config, adapter.adapter_name, dict(adapter.folder_shapes))
         params = model.state_dict()
         with torch.no_grad():
             for rel, ref in self._bar(part.inputs.items(), part.name):
@@ -90,10 +99,11 @@ class FullEngine(Engine):
             reference = verification.model_outputs(model.get_base_model(), probe[0])
         bases = {u.module: model.get_submodule(u.path).get_base_layer() for u in adapter.units}
         sampled = {m: policy.sample(dict(b.named_parameters(recurse=False))) for m, b in bases.items()}
-        state = dict(merge_and_unload(model, self.progress, where).state_dict())
+        merged = merge_and_unload(model, self.progress, where)
+        state = dict(merged.state_dict())
         idle = []
         for unit in adapter.units:
-            params = dict(bases[unit.module].named_parameters(recurse=False))
+            params = dict(merged.get_submodule(unit.module).named_parameters(recurse=False))
             if policy.changed(params, sampled[unit.module]):
                 continue
             originals = {n: self.sources.read(r) for n in params if (r := unit.base_input(n)) is not None}

@@ -5,13 +5,12 @@ makes), checked, cast, and released again, so that memory follows the size of on
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import policy, precision
-from ..peft import MergeUnit, merge_unit
+from ..peft import MergeUnit, merge_unit, release
 from ..plan import PartPlan
 from ..sources import Sources
 
@@ -49,11 +48,9 @@ class UnitMerger:
     def _materialise(self, unit: MergeUnit, inputs: dict[str, torch.Tensor]) -> torch.nn.Module:
         module = self.peft.get_submodule(unit.path)
         state = {name: t.to(self.device, torch.float32, non_blocking=True) for name, t in inputs.items()}
-        buffers = {name: state.pop(name) for name in unit.buffers}
         module.load_state_dict(state, assign=True, strict=True)
-        for name, value in buffers.items():  # state PEFT regenerates: a buffer, not part of the state_dict
-            owner, _, leaf = name.rpartition(".")
-            setattr(module.get_submodule(owner) if owner else module, leaf, value)
+        # What PEFT created without saving it (a projection from a PRNG seed) is on the CPU: with the unit.
+        module.to(self.device)
         return module
 
     def merge(
@@ -82,6 +79,7 @@ class UnitMerger:
                 n: p.detach().clone() for n, p in params.items() if precision.wanted(dtypes[f"{unit.module}.{n}"])
             }
             merge_unit(module, self.adapter.adapter_name, self.adapter.config, str(where))
+            base = module.get_base_layer()  # a tuner may merge by swapping in another module (LN tuning)
             params = dict(base.named_parameters(recurse=False))
             if not policy.changed(params, sampled) and self._unchanged(unit, params):
                 self.idle.append(unit.module)
@@ -94,7 +92,7 @@ class UnitMerger:
                 outputs[key] = policy.cast_checked(key, param.detach(), dtypes[key], where)
             if probe is not None:
                 self._check_output(unit, module, base, probe, reference, outputs)
-        module.to_empty(device="meta")
+        release(module)
         # A source buffer merged in place and written as it is belongs to the writer now; the others go back now.
         written = {t.untyped_storage().data_ptr() for t in outputs.values()}
         for tensor in inputs.values():
@@ -120,7 +118,3 @@ class UnitMerger:
         got = module(probe)  # merged: the base module alone, with the weights as written
         diff = float((got - reference).abs().max()) / max(1.0, float(reference.abs().max()))
         self.layer_checks.append(diff)
-
-
-def where_of(sources: Sources, unit: MergeUnit) -> Path:
-    return sources.path(unit.inputs[0][1])

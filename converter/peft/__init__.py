@@ -8,7 +8,14 @@ adapter folder of ``--adapter-out`` (``adapter_out``). What PEFT supports is rea
 """
 
 from .adapter_out import write_adapters
-from .agreement import Pairing, SourceComparison, compare_sources, peft_saved_view, require_agreement
+from .agreement import (
+    Pairing,
+    SourceComparison,
+    compare_sources,
+    peft_saved_view,
+    require_agreement,
+    shape_like_folder,
+)
 from .config import adapter_config, component_config, library_warnings_to_log, parameters
 from .keys import (
     PEFT_PREFIX,
@@ -23,13 +30,12 @@ from .keys import (
     is_saved_copy,
     is_trained_state,
 )
-from .model import ModelShape, build_peft_model, describe_model, merge_and_unload, merge_unit
-from .plan import REGENERATED, AdapterInputs, AdapterPlan, MergeUnit, plan_adapter
+from .model import ModelShape, build_peft_model, describe_model, merge_and_unload, merge_unit, release
+from .plan import AdapterInputs, AdapterPlan, MergeUnit, plan_adapter
 from .registry import supported_table, tuner
 
 __all__ = [
     "PEFT_PREFIX",
-    "REGENERATED",
     "AdapterInputs",
     "AdapterKeys",
     "AdapterPlan",
@@ -57,7 +63,9 @@ __all__ = [
     "parameters",
     "peft_saved_view",
     "plan_adapter",
+    "release",
     "require_agreement",
+    "shape_like_folder",
     "supported_table",
     "tuner",
     "write_adapters",

@@ -15,6 +15,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from ..errors import ConvertError, preview
 from ..names import ADAPTER, CHECKPOINT
 from ..sources import Sources, TensorInfo, TensorRef
@@ -38,14 +40,39 @@ class Pairing:
         return len(self.pairs) + len(self.transformed) + len(self.reshaped) + len(self.only_adapter)
 
 
-def load_map(meta_model: Any, config: Any, adapter_name: str, keys: list[str]) -> tuple[dict[str, str], Any]:
-    """Folder key -> the PEFT model key PEFT loads it into, and the model as PEFT shapes it for the folder (a copy:
-    AdaLoRA's load resizes its modules to the saved ranks)."""
+CONSUMED = "<loaded by PEFT outside the state_dict>"
+
+
+def load_map(
+    meta_model: Any, config: Any, adapter_name: str, shapes: Mapping[str, tuple[int, ...]]
+) -> tuple[dict[str, str], Any]:
+    """Folder key -> the PEFT model key PEFT loads it into (``shapes``: the folder's keys and shapes), and the model
+    as PEFT shapes it for the folder (a copy: AdaLoRA's load resizes its modules to the saved ranks)."""
+    try:
+        return _load_map(copy.deepcopy(meta_model), config, adapter_name, shapes)
+    except (NotImplementedError, RuntimeError):  # the load computes with the adapter's values: give it some
+        model = copy.deepcopy(meta_model)
+        for name, param in list(model.named_parameters()):
+            if is_trained_state(name, adapter_name):
+                owner, _, leaf = name.rpartition(".")
+                module = model.get_submodule(owner)
+                module._parameters[leaf] = torch.nn.Parameter(torch.zeros(param.shape), requires_grad=False)
+        return _load_map(model, config, adapter_name, shapes)
+
+
+def shape_like_folder(model: Any, config: Any, adapter_name: str, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Shape a built model as PEFT does when it loads an adapter folder (AdaLoRA keeps only the saved ranks)."""
+    if shapes:
+        _load_map(model, config, adapter_name, shapes)
+
+
+def _load_map(model: Any, config: Any, adapter_name: str, shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict, Any]:
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils.other import AuxiliaryTrainingWrapper
 
-    model = copy.deepcopy(meta_model)
-    state: dict[str, str] = {k: k for k in keys}
+    tags = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}  # followed by identity
+    owner = {id(t): k for k, t in tags.items()}
+    state = dict(tags)
     for name, module in model.named_modules():
         if isinstance(module, AuxiliaryTrainingWrapper):
             for lookup, store in module.adapter_state_dict_load_map(adapter_name).items():
@@ -56,7 +83,12 @@ def load_map(meta_model: Any, config: Any, adapter_name: str, keys: list[str]) -
         remapped = tuner._remap_adapter_state_dict_for_load(
             model=model, config=model.peft_config[adapter_name], adapter_name=adapter_name, state_dict=state
         )
-    return {folder_key: model_key for model_key, folder_key in remapped.items()}, model
+    found = {k: CONSUMED for k in tags}  # what PEFT's load took out of the state dict (SHiRA's indices)
+    for model_key, value in remapped.items():
+        folder_key = owner.get(id(value))
+        if folder_key is not None:
+            found[folder_key] = model_key
+    return found, model
 
 
 def pair_sources(
@@ -66,17 +98,23 @@ def pair_sources(
     meta_model: Any,
     config: Any,
     adapter_name: str,
+    aliases: frozenset[str] = frozenset(),
 ) -> tuple[Pairing, Any]:
     """Pair the component's tensors (``infos``: component-relative key -> info) with the adapter folder's
     (``folder_keys``: the folder's keys of this component as the component names them -> as the folder does;
-    ``folder_infos`` by the folder's names). Returns the pairing and the model as PEFT shapes it for the folder."""
-    mapping, folder_model = load_map(meta_model, config, adapter_name, list(folder_keys))
+    ``folder_infos`` by the folder's names; ``aliases``: layers' keys of state shared between layers, which PEFT saves
+    once). Returns the pairing and the model as PEFT shapes it for the folder."""
+    shapes = {name: folder_infos[akey].shape for name, akey in folder_keys.items()}
+    mapping, folder_model = load_map(meta_model, config, adapter_name, shapes)
     shaped = {k: tuple(t.shape) for k, t in folder_model.state_dict().items()}
     pairs, transformed, reshaped, only_adapter, beside = [], [], [], [], []
     paired: set[str] = set()
     for name, akey in sorted(folder_keys.items()):
         model_key = mapping.get(name, name)
         adapter_shape = folder_infos[akey].shape
+        if model_key == CONSUMED:  # state PEFT rebuilds from the config and restores from the folder as it loads
+            beside.append(akey)
+            continue
         if model_key in infos and is_trained_state(model_key, adapter_name):
             paired.add(model_key)
             if infos[model_key].shape == adapter_shape:
@@ -93,13 +131,14 @@ def pair_sources(
     # paired by PEFT's own naming rule, the adapter name removed.
     from peft.tuners.tuners_utils import _remove_adapter_name_from_state_dict_key as saved_name
 
-    for rel in sorted(k for k in infos if is_trained_state(k, adapter_name) and k not in paired):
+    trained = {k for k in infos if is_trained_state(k, adapter_name) and k not in aliases}
+    for rel in sorted(trained - paired):
         akey = folder_keys.get(saved_name(rel, adapter_name))
         if akey in only_adapter and infos[rel].shape == folder_infos[akey].shape:
             only_adapter.remove(akey)
             pairs.append((akey, rel))
             paired.add(rel)
-    only_checkpoint = sorted(k for k in infos if is_trained_state(k, adapter_name) and k not in paired)
+    only_checkpoint = sorted(trained - paired)
     pairing = Pairing(
         tuple(pairs),
         tuple(only_checkpoint),

@@ -117,6 +117,16 @@ def _peft_nodes(tree: Any, path: str = "") -> Iterator[tuple[str, dict[str, Any]
             yield from _peft_nodes(value, f"{path}[{i}]")
 
 
+def _without_default_objects(node: dict[str, Any]) -> dict[str, Any]:
+    """Only the config class's fields: what a pickled config holds beside them (SHiRA's ``mask_fn``, a function its
+    config sets from ``mask_type``) is set again by the class, as when PEFT reads adapter_config.json."""
+    fields = {f.name for f in dataclasses.fields(registry.tuner(node["peft_type"]).config_cls)}
+    dropped = sorted(k for k in node if k not in fields)
+    if dropped:
+        log.debug("a PEFT config's attributes that are not its fields, left to the config class: %s", dropped)
+    return {k: v for k, v in node.items() if k in fields}
+
+
 def _type_of(config_cls: type) -> str:
     return next(t.peft_type for t in registry.tuners().values() if t.config_cls is config_cls)
 
@@ -129,6 +139,7 @@ def _from_hparams(layout: PeftLayout, hparams: Mapping[str, Any], where: str) ->
         raise ConvertError(f"{where}: the hyper-parameters hold several PEFT configs ({shown}); {ADVICE}")
     if nodes:
         path, node = nodes[0]
+        node = _without_default_objects(node)
         unreadable = sorted(k for k, v in node.items() if isinstance(v, (Opaque, Unresolved)))
         if unreadable:
             raise ConvertError(
@@ -138,9 +149,9 @@ def _from_hparams(layout: PeftLayout, hparams: Mapping[str, Any], where: str) ->
         return build_config(node, layout, where, f"hyper_parameters.{path}"), f"hyper_parameters.{path}"
     if layout.tuner == "LORA":
         return _lora_from_hparams(layout, hparams, where)
-    title = registry.tuner(layout.tuner).title if layout.tuner else "PEFT"
+    named = f"{registry.tuner(layout.tuner).article} {registry.tuner(layout.tuner).title}" if layout.tuner else "a PEFT"
     raise ConvertError(
-        f"{where}: the checkpoint holds a {title} adapter ({preview(sorted(layout.segments), 3)}) but not its config: "
+        f"{where}: the checkpoint holds {named} adapter ({preview(sorted(layout.segments), 3)}) but not its config: "
         "no adapter_config.json (lora_weights/) and no PEFT config in the hyper-parameters; its tensors do not record "
         f"the settings its merge needs (scaling, rank allocation, ...); {ADVICE}"
     )
@@ -189,8 +200,8 @@ def refuse_unmergeable(config: Any, where: str) -> None:
         why = next((text for f, text in registry.INPUT_DEPENDENT_FIELDS.items() if getattr(config, f, None)), None)
     if why is not None:
         raise ConvertError(
-            f"{where}: a {tuner.title} adapter ({tuner.peft_type}) cannot be merged into plain weights: {why}; serve "
-            "it with PEFT instead (PeftModel.from_pretrained on the base model)"
+            f"{where}: {tuner.article} {tuner.title} adapter ({tuner.peft_type}) cannot be merged into plain weights: "
+            f"{why}; serve it with PEFT instead (PeftModel.from_pretrained on the base model)"
         )
 
 

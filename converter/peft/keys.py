@@ -32,6 +32,7 @@ BASE_LAYER = "base_layer"
 ORIGINAL = "original_module"
 SAVED = "modules_to_save"
 TOKEN_ADAPTER = "token_adapter"
+PROMPT_ENCODER = "prompt_encoder"  # a prompt-learning PeftModel's learned tokens
 _WRAPPING = (BASE_LAYER, TOKEN_ADAPTER)  # segments that wrap the module a plain model has in their place
 
 
@@ -323,8 +324,20 @@ class ComponentKeys:
     fates: dict[str, tuple[str, ...]]  # fate -> component-relative keys
 
 
+def refuse_prompt_learning(keys: Iterable[str], where: str) -> None:
+    """A prompt-learning PeftModel keeps its learned tokens in ``prompt_encoder.<adapter>``, beside the base model
+    under ``base_model.``: nothing to merge."""
+    found = sorted(k for k in keys if k.split(".")[0] == PROMPT_ENCODER)
+    if found and any(k.startswith(TUNER_PREFIX) for k in keys):
+        raise ConvertError(
+            f"{where}: the checkpoint holds a prompt-learning adapter ({preview(found, 1)}): "
+            f"{registry.PROMPT_LEARNING}; serve it with PEFT instead (PeftModel.from_pretrained on the base model)"
+        )
+
+
 def component_keys(keys: Mapping[str, str], where: str) -> ComponentKeys:
     """Read a component's keys: a PEFT sub-model is mapped to the plain model's names (``plain_keys``)."""
+    refuse_prompt_learning(keys, where)
     if not is_peft_wrapped(keys):
         if any(is_quant_state(k) for k in keys):
             plain, fates = plain_keys(keys, "")

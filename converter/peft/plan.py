@@ -5,6 +5,7 @@ sources by value is filled in before writing (``settle``)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -13,14 +14,13 @@ import torch
 
 from ..errors import ConvertError, preview
 from ..names import ADAPTER, CHECKPOINT
-from ..sources import SpanReader, SpanSource, TensorInfo, TensorRef
+from ..sources import TensorInfo, TensorRef
 from . import registry
 from .agreement import Pairing, SourceComparison, pair_sources, refuse_reshaped
 from .config import parameters
 from .keys import BASE_LAYER, PeftLayout, is_trained_state
 from .model import ModelShape, UnitShape, check_peft_fit, merge_units
-
-REGENERATED = "peft"  # the source of state PEFT regenerates from the config (``peft:<component>``)
+from .rebuilt import base_dependent_units
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +32,6 @@ class MergeUnit:
     inputs: tuple[tuple[str, TensorRef], ...]  # the layer's state name -> source tensor
     outputs: tuple[str, ...]  # plain keys written from it (module.weight, module.bias)
     input_dtypes: tuple[torch.dtype, ...] = ()  # the dtypes its inputs are stored in
-    buffers: tuple[str, ...] = ()  # inputs that are state PEFT does not save (assigned, not loaded)
     probe: bool = False  # its output can be checked on a random input (Linear, Conv1D, Embedding)
 
     def base_input(self, param: str) -> TensorRef | None:
@@ -59,6 +58,11 @@ class AdapterPlan:
     pairing: Pairing | None = None  # checkpoint vs adapter folder by key (None: no adapter folder)
     comparison: SourceComparison | None = None  # by value: filled in by ``settle``
     idle: tuple[str, ...] = ()  # units whose merge changed nothing: filled in by the engines
+    unsaved_state: bool = False  # PEFT creates state it does not save: rebuilt as for training (the full engine)
+    base_dependent: (
+        tuple[str, ...] | None
+    ) = ()  # units whose merge reads that state's base-derived part (None: untested)
+    folder_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()  # --lora-from adapter: what PEFT shapes the model for
     meta_model: Any = dataclasses.field(default=None, compare=False, repr=False)  # PEFT's model on the meta device
 
     @property
@@ -98,12 +102,13 @@ class AdapterInputs:
     folder_keys: Mapping[str, str] | None = None  # this component's folder keys: component naming -> folder naming
     lora_from: str = "auto"
     checkpoint: str = ""
-    component: str = ""  # names the source of regenerated state: peft:<component>
+    auto_class: str = ""  # with ``hf_config``: to test whether the merge reads base-dependent state (``rebuilt``)
+    hf_config: Any = None
 
 
-def plan_adapter(given: AdapterInputs) -> tuple[AdapterPlan, dict[str, TensorRef], dict[str, Any]]:
-    """The adapter plan, the component's inputs (some read from the adapter folder with ``--lora-from adapter``) and
-    the sources it adds (state PEFT regenerates)."""
+def plan_adapter(given: AdapterInputs) -> tuple[AdapterPlan, dict[str, TensorRef]]:
+    """The adapter plan and the component's inputs (some read from the adapter folder with ``--lora-from
+    adapter``)."""
     inputs = dict(given.inputs)
     given_shapes = {rel: given.info(ref).shape for rel, ref in inputs.items() if rel not in given.skip}
     lacking = sorted(
@@ -123,7 +128,7 @@ def plan_adapter(given: AdapterInputs) -> tuple[AdapterPlan, dict[str, TensorRef
         infos = {rel: given.info(ref) for rel, ref in inputs.items()}
         folder_infos = {k: folder.source.info(k) for k in given.folder_keys.values()}
         pairing, folder_model = pair_sources(
-            infos, folder_infos, given.folder_keys, model, given.config, given.layout.adapter_name
+            infos, folder_infos, given.folder_keys, model, given.config, given.layout.adapter_name, given.shape.aliases
         )
         if given.lora_from != "checkpoint":
             refuse_reshaped(pairing, str(folder.weights_path), given.checkpoint)
@@ -132,13 +137,7 @@ def plan_adapter(given: AdapterInputs) -> tuple[AdapterPlan, dict[str, TensorRef
             tensors_from = ADAPTER
     elif given.lora_from == "adapter":
         raise ConvertError(f"{given.where}: --lora-from adapter, but there is no adapter folder (lora_weights/)")
-    sources = {}
-    regenerated = f"{REGENERATED}:{given.component}"
-    if given.shape.regenerated:
-        sources[regenerated] = SpanSource(
-            Path(f"<{given.where}: state PEFT regenerates>"), SpanReader(), {}, given.shape.regenerated
-        )
-    planned = tuple(_unit(u, inputs, given, regenerated) for u in units)
+    planned = tuple(_unit(u, inputs, given) for u in units)
     plan = AdapterPlan(
         adapter_name=given.layout.adapter_name,
         peft_type=registry.tuner(given.config.peft_type).peft_type,
@@ -149,9 +148,22 @@ def plan_adapter(given: AdapterInputs) -> tuple[AdapterPlan, dict[str, TensorRef
         layout=given.layout,
         adapter_folder=folder.weights_path if folder is not None else None,
         pairing=pairing,
+        unsaved_state=given.shape.unsaved_state,
+        base_dependent=_base_dependent(given, units),
+        folder_shapes=tuple((name, folder.source.info(akey).shape) for name, akey in (given.folder_keys or {}).items())
+        if tensors_from == ADAPTER
+        else (),
         meta_model=model,
     )
-    return plan, inputs, sources
+    return plan, inputs
+
+
+def _base_dependent(given: AdapterInputs, units: tuple[UnitShape, ...]) -> tuple[str, ...] | None:
+    if not given.shape.unsaved_state:
+        return ()
+    nbytes = 4 * sum(math.prod(s) for s in given.shape.plain.values())
+    return base_dependent_units(given.auto_class, given.hf_config, given.config, given.layout.adapter_name, units,
+                                nbytes, given.where)  # fmt: skip
 
 
 def _from_folder(
@@ -171,14 +183,12 @@ def _from_folder(
     return inputs, merge_units(folder_model), folder_model
 
 
-def _unit(unit: UnitShape, inputs: Mapping[str, TensorRef], given: AdapterInputs, regenerated: str) -> MergeUnit:
+def _unit(unit: UnitShape, inputs: Mapping[str, TensorRef], given: AdapterInputs) -> MergeUnit:
     refs = []
     for name in unit.names:
         rel = f"{unit.path}.{name}"
         if rel not in inputs:
             raise ConvertError(f"{given.where}: {rel} is needed to merge {unit.module} but is in no source")
         refs.append((name, inputs[rel]))
-    for name in unit.regenerated:
-        refs.append((name, TensorRef(regenerated, f"{unit.path}.{name}")))
-    dtypes = tuple(sorted({given.info(ref).dtype for _, ref in refs if ref.source != regenerated}, key=str))
-    return MergeUnit(unit.module, unit.path, tuple(refs), unit.outputs, dtypes, unit.regenerated, unit.probe)
+    dtypes = tuple(sorted({given.info(ref).dtype for _, ref in refs}, key=str))
+    return MergeUnit(unit.module, unit.path, tuple(refs), unit.outputs, dtypes, unit.probe)

@@ -61,6 +61,11 @@ class Tuner:
         return None
 
     @property
+    def article(self) -> str:
+        """``a``/``an`` before the title in a message."""
+        return "an" if self.title[:1] in "AEIOU" else "a"
+
+    @property
     def title(self) -> str:
         """How the README and messages name it: PEFT's config class without the suffix (``LoHa``, ``VeRA``)."""
         name = self.config_cls.__name__.removesuffix("Config")
@@ -142,6 +147,9 @@ def supported_table(tested: dict[str, str] | None = None) -> str:
     tested = tested or {}
     rows = ["| PEFT type | config class | converted | tested with |", "|---|---|---|---|"]
     for t in sorted(tuners().values(), key=lambda t: t.peft_type):
-        verdict = "merged by PEFT" if t.refusal is None else f"refused: {t.refusal}"
+        if t.refusal is not None:
+            verdict = f"refused: {t.refusal}"
+        else:
+            verdict = "merged" if t.peft_type in tested else "PEFT's own merge (no run in the test suite)"
         rows.append(f"| `{t.peft_type}` | `{t.config_cls.__name__}` | {verdict} | {tested.get(t.peft_type, '')} |")
     return "\n".join(rows)
