@@ -5,6 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 EXAMPLE_ROOT := build/example
 LLAMA := build/llama.cpp
+# An older stack for the tests' PEFT 0.6 run (tests/old_stack.py), ahead of the venv's packages on its PYTHONPATH.
+OLD_STACK := build/old-stack
+OLD_STACK_PACKAGES := peft==0.6.2 transformers==4.36.2 tokenizers==0.15.2 huggingface_hub==0.20.3
 RUN ?=
 OUT ?=
 ARGS ?=
@@ -38,12 +41,17 @@ inspect: venv
 	$(PY) -m converter inspect "$$run" $(ARGS)
 
 # The tests are offline by themselves (tests/conftest.py); the Makefile leaves the hub to the user.
-test: venv lint $(LLAMA)/.prepared
+test: venv lint $(LLAMA)/.prepared $(OLD_STACK)/.installed
 	$(PY) -m pytest -q -m "not consumers" $(PYTEST_ARGS)
 
 # llama.cpp's converter and vocabulary from llama-cpp-python's sdist, and the Qwen2 tokenizer (tests/consumers.py).
 $(LLAMA)/.prepared: tests/consumers.py | venv
 	HF_HUB_OFFLINE=1 $(PY) tests/consumers.py
+	touch $@
+
+$(OLD_STACK)/.installed: Makefile | venv
+	rm -rf $(OLD_STACK)
+	$(PY) -m pip install -q --no-deps --target $(OLD_STACK) $(OLD_STACK_PACKAGES)
 	touch $@
 
 # Not part of CI: builds llama-cpp-python (llama.cpp itself) from the same sdist -- 10 to 15 minutes on 2 cores --

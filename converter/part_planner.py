@@ -30,12 +30,14 @@ from .peft import (
     component_keys,
     describe_model,
     plan_adapter,
+    renamed,
 )
 from .plan import QLORA_BASES, OutTensor, PartPlan
 from .policy import check_fit, configured_tie, output_dtype, part_dtype, plan_tie
 from .sources import Sources, SpanSource, TensorInfo, TensorRef
 from .sources.model_folder import open_model_folder
 from .vocab import check_tokenizer, find_tokenizer
+from .weight_format import load_renames, meta_model
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +113,18 @@ class PartPlanner:
         config = copy.deepcopy(load_base_config(base))
         self.hf_config = config
         base_vocab = getattr(config.get_text_config(), "vocab_size", None)
-        peft_config, config_from = self._adapter_config()
         dtype = part_dtype(self.opts.dtype, config)
         if dtype is not None:
             config.dtype = dtype
+        model = meta_model(auto_class, config, self.where)
+        rename = load_renames(model)
+        if rename is not None:  # an older checkpoint's names, as from_pretrained reads them
+            found = component_keys(renamed(analysis.keys, rename), self.where)
+            if found.peft is not None:  # read from today's names: what the checkpoint's own said is kept
+                found = dataclasses.replace(found, peft=dataclasses.replace(found.peft, legacy=analysis.peft.legacy))
+            analysis = self.analysis = found
+            self.inputs = {rel: TensorRef(CHECKPOINT, src) for rel, src in analysis.keys.items()}
+        peft_config, config_from = self._adapter_config()
         plain = analysis.plain
         shape = describe_model(
             auto_class,
@@ -123,6 +133,7 @@ class PartPlanner:
             analysis.peft.adapter_name if analysis.peft else "default",
             embedding_rows=lambda key: self.info(plain[key]).shape[0] if key in plain else None,
             where=self.where,
+            base_model=model,
         )
         from_base: tuple[str, ...] = ()
         if ckpt.frozen_excluded:
@@ -300,4 +311,4 @@ def unquantize(planner: PartPlanner, quantized: dict[str, dict[str, str]], base:
         )
 
 
-__all__ = ["AUTO_CLASS", "PartPlanner", "dataclasses"]
+__all__ = ["AUTO_CLASS", "PartPlanner"]

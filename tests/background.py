@@ -16,7 +16,10 @@ import tuners
 import variants
 from helpers import REPO
 
-DONE = ".done-{rank}"  # written into a kind's root by each rank that finished its share of it
+DONE = ".done-{rank}"
+OLD_STACK = (
+    REPO / "build" / "old-stack"
+)  # make test installs it  # written into a kind's root by each rank that finished its share of it
 
 
 def _main(rank: int, world: int, roots: dict[str, str], bases: list[str], port: int) -> None:
@@ -51,7 +54,14 @@ class Background:
         import torch.multiprocessing as mp
 
         self.roots = {kind: Path(root) for kind, root in roots.items()}
-        self._example = None
+        self._example = self._old = None
+        if "old_stack" in roots:  # an older PEFT and transformers ahead of the venv's, in a process of their own
+            env = {**os.environ, "PYTHONPATH": str(OLD_STACK), "HF_HUB_OFFLINE": "1"}
+            command = [sys.executable, str(REPO / "tests" / "old_stack.py"), str(roots["old_stack"])]
+            self._old = subprocess.Popen(
+                command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                preexec_fn=lambda: os.nice(10),
+            )  # fmt: skip
         if "example" in roots:  # what make convert runs first, in a fresh process
             command = [sys.executable, "-m", "converter.example", str(roots["example"])]
             self._example = subprocess.Popen(
@@ -59,10 +69,17 @@ class Background:
             )
         self.world = distributed.WORLD if "distributed" in roots else 1
         self._context = None
-        if set(roots) - {"example"}:
+        if set(roots) - {"example", "old_stack"}:
             args = (self.world, {k: str(v) for k, v in roots.items()}, [str(b) for b in bases], distributed.free_port())
             self._context = mp.start_processes(_main, args=args, nprocs=self.world, join=False, start_method="spawn")
         self._finished = False
+
+    def old_stack(self) -> Path:
+        """The PEFT 0.6 run (tests/old_stack.py), once its process is done."""
+        stdout, stderr = self._old.communicate(timeout=600)
+        if self._old.returncode != 0:
+            raise RuntimeError(f"tests/old_stack.py failed (make test installs {OLD_STACK}):\n{stderr[-3000:]}")
+        return Path(stdout.strip().splitlines()[-1])
 
     def example(self) -> tuple[Path, subprocess.CompletedProcess]:
         stdout, _ = self._example.communicate(timeout=300)

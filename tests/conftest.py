@@ -84,7 +84,7 @@ def pano_export(pano_run, tmp_path_factory):
 
 
 # Made by other processes while the tests run; the tests that need them go last, in this order.
-BACKGROUND = ("example_process", "distributed_runs", "variant_runs", "consumer_export", "tuner_runs")
+BACKGROUND = ("example_process", "old_peft_run", "distributed_runs", "variant_runs", "consumer_export", "tuner_runs")
 
 
 def _needs(item, fixture: str) -> bool:
@@ -110,6 +110,7 @@ def _background(request, tmp_path_factory, bases):
         "variant_runs": "variants",
         "consumer_export": "consumers",
         "tuner_runs": "tuners",
+        "old_peft_run": "old_stack",
     }
     return Background({kinds[f]: tmp_path_factory.mktemp(kinds[f]) for f in wanted}, bases)
 
@@ -124,6 +125,12 @@ def distributed_runs(_background) -> dict[str, Path]:
 def variant_runs(_background) -> dict[str, Path]:
     """PEFT runs made the ways real VLM projects make them (tests/variants.py)."""
     return _background.runs("variants")
+
+
+@pytest.fixture(scope="session")
+def old_peft_run(_background) -> Path:
+    """A run made by PEFT 0.6.2 and transformers 4.36.2 (tests/old_stack.py; make test installs them)."""
+    return _background.old_stack()
 
 
 @pytest.fixture(scope="session")

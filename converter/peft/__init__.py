@@ -29,6 +29,7 @@ from .keys import (
     has_markers,
     is_saved_copy,
     is_trained_state,
+    renamed,
 )
 from .model import ModelShape, build_peft_model, describe_model, merge_and_unload, merge_unit, release
 from .plan import AdapterInputs, AdapterPlan, MergeUnit, plan_adapter
@@ -64,6 +65,7 @@ __all__ = [
     "peft_saved_view",
     "plan_adapter",
     "release",
+    "renamed",
     "require_agreement",
     "shape_like_folder",
     "supported_table",

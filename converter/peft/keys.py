@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from ..accounting import MERGED, QUANT_STATE, SUPERSEDED, WRITTEN, is_quant_state
 from ..errors import ConvertError, preview
@@ -333,6 +333,20 @@ def refuse_prompt_learning(keys: Iterable[str], where: str) -> None:
             f"{where}: the checkpoint holds a prompt-learning adapter ({preview(found, 1)}): "
             f"{registry.PROMPT_LEARNING}; serve it with PEFT instead (PeftModel.from_pretrained on the base model)"
         )
+
+
+def renamed(keys: Mapping[str, str], rename: Callable[[str], str]) -> dict[str, str]:
+    """The keys with the base model's part of each renamed (``rename``: transformers' renaming of an older
+    checkpoint's names); PEFT's own prefix stays."""
+    found = {}
+    for rel, src in keys.items():
+        if is_shared(rel):
+            found[rel] = src
+        elif rel.startswith(PEFT_PREFIX):
+            found[PEFT_PREFIX + rename(rel.removeprefix(PEFT_PREFIX))] = src
+        else:
+            found[rename(rel)] = src
+    return found
 
 
 def component_keys(keys: Mapping[str, str], where: str) -> ComponentKeys:

@@ -189,6 +189,7 @@ def describe_model(
     adapter_name: str = "default",
     embedding_rows: Callable[[str], int | None] | None = None,
     where: str = "",
+    base_model: nn.Module | None = None,
 ) -> ModelShape:
     """Build the model (and its PEFT wrapping) on the meta device and read its keys, shapes and merge units.
 
@@ -197,7 +198,7 @@ def describe_model(
     count and the model built again, so that the export's config fits its weights.
     """
     with library_warnings_to_log(), torch.device("meta"):
-        model = _build_base(auto_class, copy.deepcopy(hf_config), where)
+        model = base_model if base_model is not None else _build_base(auto_class, copy.deepcopy(hf_config), where)
         embed, head = _embedding_keys(model)
         text = hf_config.get_text_config()
         rows = embedding_rows(embed) if embedding_rows is not None and embed is not None else None
