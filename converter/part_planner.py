@@ -37,7 +37,7 @@ from .policy import check_fit, configured_tie, output_dtype, part_dtype, plan_ti
 from .sources import Sources, SpanSource, TensorInfo, TensorRef
 from .sources.model_folder import open_model_folder
 from .vocab import check_tokenizer, find_tokenizer
-from .weight_format import load_renames, meta_model
+from .weight_format import load_renames, meta_model, save_layout
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class PartPlanner:
             analysis.peft.adapter_name if analysis.peft else "default",
             embedding_rows=lambda key: self.info(plain[key]).shape[0] if key in plain else None,
             where=self.where,
-            base_model=model,
+            base_model=copy.deepcopy(model),
         )
         from_base: tuple[str, ...] = ()
         if ckpt.frozen_excluded:
@@ -151,6 +151,7 @@ class PartPlanner:
         if analysis.peft is not None:
             adapter = self._plan_adapter(shape, peft_config, config_from, quantized)
             outputs = {key: unit.module for unit in adapter.units for key in unit.outputs}
+        candidates = self._candidates(plain, dtype, outputs)
         return PartPlan(
             comp=comp,
             auto_class=auto_class,
@@ -158,7 +159,7 @@ class PartPlanner:
             inputs=self.inputs,
             plain=plain,
             fates=analysis.fates,
-            candidates=self._candidates(plain, dtype, outputs),
+            candidates=candidates,
             dtype=dtype,
             base=base,
             config=config,
@@ -175,6 +176,7 @@ class PartPlanner:
             from_base=from_base,
             quantized=tuple(quantized),
             qlora_base=self.opts.qlora_base if quantized else None,
+            saved=save_layout(model, {t.name: t.shape for t in candidates}, self.where),
         )
 
     def _tokenizer(self, auto_class: str, shape: ModelShape, plain: dict[str, str], base: BaseRef, base_vocab: Any):

@@ -25,6 +25,7 @@ from .layout import Component
 from .peft import AdapterPlan
 from .sources import Sources, TensorRef
 from .vocab import Tokenizer
+from .weight_format import SaveLayout
 
 QLORA_BASES = {
     "base": "the base model's weights (full precision)",
@@ -94,6 +95,7 @@ class PartPlan:
     tokenizer: Tokenizer | None = None  # shipped with a language model (its files replace the base's)
     quantized: tuple[str, ...] = ()  # component keys of weights the run held in 4-bit (QLoRA)
     qlora_base: str | None = None  # where their full-precision values come from (see QLORA_BASES)
+    saved: SaveLayout | None = None  # the hub's format when save_pretrained writes other tensors (fused experts)
 
     @property
     def name(self) -> str:
@@ -124,6 +126,19 @@ class PartPlan:
             return self.candidates
         return tuple(t for t in self.candidates if t.name != self.tie.head)
 
+    def written(self) -> tuple[OutTensor, ...]:
+        """The tensors of the files, as ``save_pretrained`` names and shapes them (the hub's format); each in the
+        dtype of the in-memory tensor it comes from, whose ``source``/``merged_from`` it keeps."""
+        if self.saved is None:
+            return self.tensors
+        found = []
+        for t in self.tensors:
+            outputs = self.saved.of(t.name)
+            if not outputs:
+                found.append(t)
+            found.extend(dataclasses.replace(t, name=s.name, shape=s.shape) for s in outputs)
+        return tuple(found)
+
     def accounting(self) -> dict[str, int]:
         """How many source keys each fate takes (a tied lm_head is moved from written to tied)."""
         fates = {fate: list(keys) for fate, keys in self.fates.items()}
@@ -138,7 +153,7 @@ class PartPlan:
 
     def summary(self) -> dict[str, Any]:
         """The part as ``--dry-run`` prints it and the manifest records it."""
-        tensors = self.tensors
+        tensors = self.written()
         out = {
             "component": self.name,
             "kind": self.comp.kind,

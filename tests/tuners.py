@@ -5,7 +5,8 @@ Each run is real: the tiny Qwen3 LM of ``variants`` wrapped by ``get_peft_model`
 trained a few steps by a ``lightning.Trainer`` (AdaLoRA's rank allocation called as PEFT's recipe says), the PEFT
 config object saved in the hyper-parameters as ``save_hyperparameters`` sees it, the adapter saved by PEFT's
 ``save_pretrained``. Beside the run the training process writes what the tests compare with: the trained VLM's
-logits, and PEFT's own ``merge_and_unload`` of the live language model (``merged_lm.pt``).
+logits, and PEFT's own ``merge_and_unload`` of the live language model written by ``save_pretrained``
+(``merged_lm/``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class TunerRun:
     steps: int = 3
     tie: bool = True
     streaming: bool = True  # False: its layers keep state PEFT computes from the base weights (full engine only)
+    lm: str = "qwen3"  # qwen3, or qwen3-moe: a mixture-of-experts LM (transformers fuses its experts in memory)
 
 
 def _runs() -> dict[str, TunerRun]:
@@ -84,6 +86,22 @@ def _runs() -> dict[str, TunerRun]:
         TunerRun("peanut", "PEANUT", {"r": 4, "target_modules": t}),
         TunerRun("ln-tuning", "LN_TUNING", {"target_modules": ["input_layernorm", "post_attention_layernorm"]}),
         TunerRun("trainable-tokens", "TRAINABLE_TOKENS", {"target_modules": ["embed_tokens"], "token_indices": [3, 5]}),
+        # Mixture-of-experts LMs: LoRA on attention, on the router, and on the fused experts (target_parameters).
+        TunerRun(
+            "moe-attention", "LORA", {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}, lm="qwen3-moe"
+        ),
+        TunerRun("moe-router", "LORA", {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "gate"]}, lm="qwen3-moe"),
+        TunerRun(
+            "moe-experts",
+            "LORA",
+            {
+                "r": 4,
+                "lora_alpha": 8,
+                "target_modules": ["q_proj"],
+                "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+            },
+            lm="qwen3-moe",
+        ),  # fmt: skip
         # Not merged: the refusals are tested on these.
         TunerRun(
             "adalora-bare",
@@ -165,12 +183,36 @@ def _config_from_spec(spec: dict) -> Any:
     return peft_config(TunerRun(spec["name"], spec["method"], spec["settings"], steps=spec["steps"]))
 
 
+def bases(root: Path, run: TunerRun) -> tuple[Path, Path]:
+    """The run's base models (built once): the variants' Qwen3 and SigLIP, or a Qwen3-MoE as transformers saves it
+    (one tensor per expert)."""
+    if run.lm == "qwen3":
+        return build_variant_bases(root, "qwen3", "siglip", run.tie)
+    from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast, Qwen3MoeConfig
+
+    from converter.example import _tiny_tokenizer
+
+    vision_dir, _ = build_variant_bases(root, "qwen3", "siglip", run.tie)
+    lm_dir = root / "bases" / "qwen3-moe"
+    if not (lm_dir / "config.json").is_file():
+        torch.manual_seed(0)
+        config = Qwen3MoeConfig(vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                                num_experts=4, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                                tie_word_embeddings=run.tie, bos_token_id=1, eos_token_id=2,
+                                pad_token_id=0)  # fmt: skip
+        AutoModelForCausalLM.from_config(config).save_pretrained(lm_dir)
+        GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0).save_pretrained(lm_dir)
+        _tiny_tokenizer(96, PreTrainedTokenizerFast).save_pretrained(lm_dir)
+    return vision_dir, lm_dir
+
+
 def build_tuner_run(root: Path, run: TunerRun) -> Path:
     """Train ``run`` with a real Trainer; return ROOT/runs/NAME with what the tests compare against beside it."""
     import lightning
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    vision_dir, lm_dir = build_variant_bases(root, "qwen3", "siglip", run.tie)
+    vision_dir, lm_dir = bases(root, run)
     folder = root / "runs" / run.name
     lightning.seed_everything(0, verbose=False)
     module_cls = _module_class()
@@ -204,9 +246,9 @@ def build_tuner_run(root: Path, run: TunerRun) -> Path:
     record = {"pixel_values": pixels, "input_ids": ids, "logits": logits, "lm_logits": lm_logits}
     torch.save(record, folder / "trained_logits.pt")
     if run.name not in REFUSED:
-        with torch.no_grad():  # PEFT's own merge of the live model: what every export tensor must equal
+        with torch.no_grad():  # PEFT's own merge of the live model, as save_pretrained writes it: the export's tensors
             merged = copy.deepcopy(module.language_model).merge_and_unload()
-        torch.save({k: v.clone() for k, v in merged.state_dict().items()}, folder / "merged_lm.pt")
+        merged.save_pretrained(folder / "merged_lm")
     return folder
 
 

@@ -45,7 +45,7 @@ class FullEngine(Engine):
             source = self.sources.path(t.source) if t.source is not None else self._checkpoint_path(part)
             out[t.name] = cast_checked(t.name, state.pop(t.name), t.dtype, source).to("cpu").contiguous()
         state.clear()
-        hashes = write_tensors(folder, part, out)
+        hashes = write_tensors(folder, part, as_saved(part, out))
         return FullWritten(part, hashes, precision, self.sources, self.device, reference, probe)
 
     def _precision(self, part: PartPlan, state: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
@@ -122,6 +122,14 @@ class FullEngine(Engine):
         return state, reference, probe, tuple(idle)
 
 
+def as_saved(part: PartPlan, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """In-memory tensors as the files hold them (``save_pretrained``'s format: per-expert tensors of fused experts)."""
+    if part.saved is None:
+        return tensors
+    converted = {name: tensors.pop(name) for name in list(tensors) if part.saved.of(name)}
+    return {**tensors, **(part.saved.convert(converted) if converted else {})}
+
+
 @dataclasses.dataclass
 class FullWritten(Written):
     sources: Sources
@@ -138,9 +146,9 @@ class FullWritten(Written):
             model = verification.load_clean(folder, part.auto_class, self.device)
             result["loads_clean"] = True
         written = verification.read_written(folder)
-        if set(written) != {t.name for t in part.tensors}:
+        if set(written) != {t.name for t in part.written()}:
             raise ConvertError(f"{folder}: the written keys differ from the plan's")
-        copies = {t.name: self.sources.read(t.source) for t in part.tensors if t.source is not None}
+        copies = as_saved(part, {t.name: self.sources.read(t.source) for t in part.tensors if t.source is not None})
         result["exact_tensors"] = verification.exact_copies(written, copies, str(folder))
         if part.auto_class is not None:
             result["merged_tensors"] = len(written) - result["exact_tensors"]

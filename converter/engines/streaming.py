@@ -86,14 +86,24 @@ class StreamingWritten(Written):
         if part.auto_class is not None:
             verification.load_clean(folder, part.auto_class, self.device, device_map="meta")
             result["loads_clean"] = True
-        copies = {t.name: t for t in part.tensors if t.source is not None}
+        copies = {t.name: t for t in part.written() if t.source is not None}
+        hub, expected = SavedFormat(part), {}
         exact = 0
         for name in verification.written_files(folder):
             written = SafetensorsSource(folder / name, sources.reader)
             for key in written.keys():
-                if key in copies:
+                if key not in copies:
+                    continue
+                origin = hub.source(key)
+                if origin in hub.converted:  # computed from the source by transformers: computed again, compared
+                    if key not in expected:
+                        tensor = next(t for t in part.tensors if t.name == origin)
+                        expected = hub.saved.convert({origin: sources.read(tensor.source).to(tensor.dtype)})
+                    if not torch.equal(written.read(key), expected.pop(key)):
+                        raise ConvertError(f"{folder}: {key} was not written exactly; the disk may be failing")
+                else:
                     _check_copy(sources, copies[key].source, written, key, folder)
-                    exact += 1
+                exact += 1
         result["exact_tensors"] = exact
         if part.auto_class is not None:
             worst = max(self.layer_checks, default=0.0)
@@ -103,7 +113,7 @@ class StreamingWritten(Written):
                     f"{folder}: a merged layer's output differs from the unmerged layer's by {worst:.3g} (relative; "
                     f"tolerance {tol:.3g}); the merge is wrong, report this with --debug output"
                 )
-            merged = sum(1 for t in part.tensors if t.merged_from is not None)
+            merged = sum(1 for t in part.written() if t.merged_from is not None)
             result.update(
                 merged_tensors=merged,
                 max_rel_layer_output_diff=worst,
@@ -175,23 +185,25 @@ class _PartWriter:
     def write(self, folder: Path) -> StreamingWritten:
         part = self.part
         tensors = {t.name: t for t in part.tensors}
+        written = {t.name: t for t in part.written()}
+        hub = SavedFormat(part)
         layout = FileLayout.of(part)
         files = layout.files
         folder.mkdir(parents=True, exist_ok=True)
         progress = self.engine.progress
-        bar = tqdm(total=len(tensors), desc=f"streaming {part.name}", unit="tensor", disable=not progress, leave=False)
+        bar = tqdm(total=len(written), desc=f"streaming {part.name}", unit="tensor", disable=not progress, leave=False)
         streams: dict[str, SafetensorsStream] = {}
-        order = [tensors[name] for names in files.values() for name in names]
-        sources = ReadAhead(self._sources(order), size=_source_bytes)
+        order = [tensors[n] for n in dict.fromkeys(hub.source(name) for names in files.values() for name in names)]
+        sources = ReadAhead(self._sources(order, hub), size=_source_bytes)
         dtypes = {t.name: t.dtype for t in part.tensors}
         try:
             for filename, names in files.items():
-                entries = [(n, tensors[n].dtype, tensors[n].shape) for n in names]
+                entries = [(n, written[n].dtype, written[n].shape) for n in names]
                 stream = streams[filename] = SafetensorsStream(
                     folder / filename, entries, dict(SAFETENSORS_METADATA), self.sources.release
                 )
                 for name in names:
-                    self._write_tensor(stream, tensors[name], sources, dtypes)
+                    self._write_tensor(stream, name, tensors[hub.source(name)], hub, sources, dtypes)
                     bar.update()
                 stream.finish()  # its thread completes and fsyncs it while the next file is produced
             for filename, stream in streams.items():
@@ -216,9 +228,10 @@ class _PartWriter:
             merger.unprobed if merger else 0,
         )
 
-    def _sources(self, order: list[OutTensor]) -> Iterator[tuple[str, Any, bool]]:
+    def _sources(self, order: list[OutTensor], hub: SavedFormat) -> Iterator[tuple[str, Any, bool]]:
         """What the writer consumes, in its order (runs on the read thread): ``(module, unit sources, True)`` once
-        per merge unit, before its first parameter; ``(name, rows, last)`` for the pieces of a copied tensor."""
+        per merge unit, before its first parameter; ``(name, rows, last)`` for the pieces of a copied tensor (the
+        whole tensor, in a buffer of its own, for one the hub's format computes other tensors from)."""
         merged = {t.merged_from for t in order if t.name in self._merged}  # merged already (a tie settled)
         for tensor in order:
             module = tensor.merged_from
@@ -226,6 +239,9 @@ class _PartWriter:
                 if module not in merged:
                     merged.add(module)
                     yield module, self.merger.read(self.merger.units[module]), True
+                continue
+            if tensor.name in hub.converted:
+                yield tensor.name, self.sources.read(tensor.source), True
                 continue
             previous = None
             for _, _, piece in self.sources.chunks(tensor.source, pooled=True):
@@ -235,16 +251,37 @@ class _PartWriter:
             # a tensor without elements has no rows to read: it is written as zero bytes
             yield tensor.name, previous if previous is not None else torch.empty(0, dtype=torch.uint8), True
 
-    def _write_tensor(
-        self, stream: SafetensorsStream, tensor: OutTensor, sources: ReadAhead, dtypes: dict[str, torch.dtype]
-    ) -> None:
+    def _merged_value(self, tensor: OutTensor, sources: ReadAhead, dtypes: dict[str, torch.dtype]) -> torch.Tensor:
         module = tensor.merged_from
-        if module is not None:
-            if tensor.name not in self._merged:
-                got, unit_sources, _ = next(sources)
-                assert got == module, (got, module)
-                self._merged.update(self.merger.merge(self.merger.units[module], unit_sources, dtypes))
-            stream.write(tensor.name, self._merged.pop(tensor.name))
+        if tensor.name not in self._merged:
+            got, unit_sources, _ = next(sources)
+            assert got == module, (got, module)
+            self._merged.update(self.merger.merge(self.merger.units[module], unit_sources, dtypes))
+        return self._merged.pop(tensor.name)
+
+    def _write_tensor(
+        self,
+        stream: SafetensorsStream,
+        name: str,
+        tensor: OutTensor,
+        hub: SavedFormat,
+        sources: ReadAhead,
+        dtypes: dict[str, torch.dtype],
+    ) -> None:
+        """Write the file's tensor ``name``, which comes from the in-memory ``tensor``."""
+        if tensor.name in hub.converted:
+            if name not in hub.pending:
+                if tensor.merged_from is not None:
+                    value = self._merged_value(tensor, sources, dtypes)
+                else:
+                    got, whole, _ = next(sources)
+                    assert got == tensor.name, (got, tensor.name)
+                    value = cast_checked(tensor.name, whole, tensor.dtype, self.sources.path(tensor.source))
+                hub.compute(tensor.name, value)
+            stream.write(name, hub.pending.pop(name))
+            return
+        if tensor.merged_from is not None:
+            stream.write(name, self._merged_value(tensor, sources, dtypes))
             return
         last, where = False, self.sources.path(tensor.source)
         while not last:
@@ -253,4 +290,27 @@ class _PartWriter:
             out = cast_checked(tensor.name, piece, tensor.dtype, where)
             if out.data_ptr() != piece.data_ptr():
                 self.sources.release(piece)  # cast into a new tensor: the chunk buffer is free already
-            stream.write(tensor.name, out)
+            stream.write(name, out)
+
+
+class SavedFormat:
+    """The hub's format for the streaming writer (``save_pretrained``'s: fused experts one tensor per expert): which
+    in-memory tensor each file's tensor comes from, and a conversion's outputs waiting for their turn in the files
+    (at most one in-memory tensor's: its outputs are consecutive in writing order)."""
+
+    def __init__(self, part: PartPlan) -> None:
+        self.saved = part.saved
+        self.origin: dict[str, str] = {}  # file's tensor -> in-memory tensor
+        self.converted: set[str] = set()  # in-memory tensors the files hold computed, not byte for byte
+        self.pending: dict[str, torch.Tensor] = {}
+        for t in part.tensors:
+            outputs = self.saved.of(t.name) if self.saved is not None else ()
+            self.origin.update({o.name: t.name for o in outputs})
+            if outputs and not (len(outputs) == 1 and outputs[0].renamed):
+                self.converted.add(t.name)
+
+    def source(self, name: str) -> str:
+        return self.origin.get(name, name)
+
+    def compute(self, name: str, value: torch.Tensor) -> None:
+        self.pending.update(self.saved.convert({name: value}))

@@ -282,11 +282,11 @@ class FileLayout:
     @classmethod
     def of(cls, part: PartPlan) -> FileLayout:
         if part.max_shard_size is None:
-            return cls({WEIGHTS: [t.name for t in part.tensors]})
+            return cls({WEIGHTS: [t.name for t in part.written()]})
         from huggingface_hub import split_state_dict_into_shards_factory
 
         split = split_state_dict_into_shards_factory(
-            {t.name: t for t in part.tensors},
+            {t.name: t for t in part.written()},
             get_storage_size=lambda t: max(1, t.nbytes),
             filename_pattern=SHARD_PATTERN,
             max_shard_size=part.max_shard_size,
