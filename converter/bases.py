@@ -14,24 +14,11 @@ from typing import Any
 from .errors import ConvertError, untrusted
 from .hparams import lookup
 from .layout import Component
-from .names import CONFIG
+from .names import CONFIG, FETCHED_FROM_HUB
 
 HUB_CACHE = "Hugging Face cache"
 HUB_FETCHED = "fetched from the Hugging Face hub"
-# What a base named by hub id contributes to an export: never weights.
-FETCHED = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer*",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template*",
-    "preprocessor_config.json",
-    "processor_config.json",
-    "README.md",
-)
+FETCHED = FETCHED_FROM_HUB
 
 log = logging.getLogger(__name__)
 

@@ -10,11 +10,10 @@ import logging
 from pathlib import Path
 
 from .errors import ConvertError
+from .kinds import checkpoint_kind
 from .names import ADAPTER_DIR, CHECKPOINTS_DIR, LAST_CHECKPOINT
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,20 +25,6 @@ class RunInputs:
     adapter_root: Path | None
     checkpoints: tuple[Path, ...]
     reason: str  # why this checkpoint was chosen
-
-
-def checkpoint_kind(path: Path) -> str | None:
-    """What a path holds, by its name and layout alone: ``deepspeed`` (a ZeRO checkpoint folder), ``dcp`` (a
-    torch.distributed.checkpoint folder), ``file`` (a single checkpoint file), or None."""
-    if path.is_dir():
-        if (path / "latest").is_file() or any(path.glob("*/*model_states.pt")):
-            return "deepspeed"
-        if (path / ".metadata").is_file():
-            return "dcp"
-        return None
-    if path.is_file() and path.suffix in CHECKPOINT_SUFFIXES and not path.name.startswith("adapter_model"):
-        return "file"
-    return None
 
 
 def _global_step(path: Path) -> int:

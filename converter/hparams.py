@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .errors import ConvertError
-from .sources.unpickle import Placeholder
+from .sources.placeholders import Placeholder
 
 OMEGACONF = "omegaconf."
 _INTERPOLATION = re.compile(r"\$\{([^${}]*)\}")

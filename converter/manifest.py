@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .hashing import path_bytes
-from .names import MANIFEST, MANIFEST_FORMAT, MODEL_CARD, WEIGHTS
+from .names import MANIFEST, MANIFEST_FORMAT, MODEL_CARD, PREPROCESSOR_CONFIG, TOKENIZER_CONFIG, WEIGHTS
 from .plan import PartPlan, Plan
 
 log = logging.getLogger(__name__)
@@ -201,10 +201,10 @@ def how_to_load(plan: Plan) -> str:
             continue
         classes.add(part.auto_class)
         body.append(f"{var} = {part.auto_class}.from_pretrained({folder})")
-        if part.tokenizer is not None or "tokenizer_config.json" in part.support_files:
+        if part.tokenizer is not None or TOKENIZER_CONFIG in part.support_files:
             classes.add("AutoTokenizer")
             body.append(f"tokenizer = AutoTokenizer.from_pretrained({folder})")
-        if "preprocessor_config.json" in part.support_files:
+        if PREPROCESSOR_CONFIG in part.support_files:
             classes.add("AutoImageProcessor")
             body.append(f"image_processor = AutoImageProcessor.from_pretrained({folder})")
     imports = ["from pathlib import Path", ""]

@@ -8,25 +8,33 @@ MANIFEST_FORMAT = "ckpt2hf.manifest/1"
 MODEL_CARD = "README.md"
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
+LEGACY_WEIGHTS = "pytorch_model.bin"  # a base folder saved before safetensors
+LEGACY_WEIGHTS_INDEX = "pytorch_model.bin.index.json"
 SHARD_PATTERN = "model{suffix}.safetensors"  # huggingface_hub's filename_pattern
 SAFETENSORS_METADATA = {"format": "pt"}  # what transformers expects in every safetensors header
 CONFIG = "config.json"
+GENERATION_CONFIG = "generation_config.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+CHAT_TEMPLATE = "chat_template.jinja"
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
 # A tokenizer's files, and a processor's
 TOKENIZER_FILES = (
     "tokenizer.json",
-    "tokenizer_config.json",
+    TOKENIZER_CONFIG,
     "special_tokens_map.json",
     "added_tokens.json",
     "vocab.json",
     "merges.txt",
     "tokenizer.model",
-    "chat_template.jinja",
+    CHAT_TEMPLATE,
     "chat_template.json",
 )
-PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+PROCESSOR_FILES = (PREPROCESSOR_CONFIG, "processor_config.json")
 # Files copied from a base folder when present: generation settings, tokenizer, processor.
-SUPPORT_FILES = ("generation_config.json", *TOKENIZER_FILES, *PROCESSOR_FILES)
+SUPPORT_FILES = (GENERATION_CONFIG, *TOKENIZER_FILES, *PROCESSOR_FILES)
+# What a base named by hub id contributes to an export, as huggingface_hub's allow_patterns: never weights.
+FETCHED_FROM_HUB = (CONFIG, "tokenizer*", "chat_template*", *SUPPORT_FILES, MODEL_CARD)
 
 # A run
 CHECKPOINTS_DIR = "checkpoints"

@@ -22,6 +22,7 @@ from .bases import BaseRef
 from .discover import RunInputs
 from .keymap import OuterPrefix
 from .layout import Component
+from .names import CONFIG, WEIGHTS
 from .peft import AdapterPlan
 from .sources import Sources, TensorRef
 from .vocab import Tokenizer
@@ -181,9 +182,9 @@ class PartPlan:
 
     def files(self) -> list[str]:
         if self.auto_class is None:
-            return ["model.safetensors"]
+            return [WEIGHTS]
         tokenizer = list(self.tokenizer.files) if self.tokenizer is not None else []
-        return ["config.json", "model.safetensors (or shards + index)", *self.support_files, *tokenizer]
+        return [CONFIG, f"{WEIGHTS} (or shards + index)", *self.support_files, *tokenizer]
 
 
 @dataclasses.dataclass(frozen=True)

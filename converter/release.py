@@ -10,14 +10,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .names import CONFIG, PROCESSOR_FILES
+from .names import CHAT_TEMPLATE, CONFIG, GENERATION_CONFIG, PROCESSOR_FILES, TOKENIZER_CONFIG
 from .plan import PartPlan
 
 log = logging.getLogger(__name__)
 
-CHAT_TEMPLATE = "chat_template.jinja"
-TOKENIZER_CONFIG = "tokenizer_config.json"
-GENERATION_CONFIG = "generation_config.json"
 SAMPLE_CHAT = [
     {"role": "system", "content": "You are a helpful assistant."},
     {"role": "user", "content": "Describe this panorama."},

@@ -9,9 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
-import hashlib
 import json
-import mmap
 import os
 import queue
 import threading
@@ -21,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..hashing import TrailingHash
 from ..names import SAFETENSORS_METADATA, SHARD_PATTERN, WEIGHTS, WEIGHTS_INDEX
 from ..sources.pread import tensor_bytes
 from ..sources.safetensors import DTYPE_NAMES
@@ -80,81 +79,6 @@ class ByteBudget:
 
 def _nbytes(block: Any) -> int:
     return block.numel() * block.element_size() if isinstance(block, torch.Tensor) else len(block)
-
-
-HASH_WINDOW = 16 << 20  # bytes of the written file a hasher maps at a time
-# At most this many files are hashed at once (a finished shard's hasher runs on while the next shard is written).
-_HASHERS = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
-
-
-class TrailingHash:
-    """sha256 of a file as it is being written, read back from the page cache behind the writer.
-
-    The writer reports how far the file is written (``advance``); the hasher maps each newly written window and
-    hashes it on its own thread, so that neither the producer nor the writer waits for the hash (a core without SHA
-    extensions hashes at about 0.38 GB/s, slower than the rest of the pipeline), and the buffers written go back at
-    once. Several files' hashers run at the same time, up to the number of cores.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._sha = hashlib.sha256()
-        self._written = 0
-        self._done = False
-        self._failed = False
-        self._cond = threading.Condition()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="ckpt2hf-hash", daemon=True)
-        self._thread.start()
-
-    def advance(self, written: int) -> None:
-        with self._cond:
-            self._written = written
-            self._cond.notify()
-
-    def finish(self, failed: bool = False) -> None:
-        """The writer is done (``failed``: it stopped early; the hasher stops too)."""
-        with self._cond:
-            self._done, self._failed = True, failed
-            self._cond.notify()
-
-    def _ready(self, hashed: int) -> tuple[int, bool]:
-        """Bytes written and whether writing is over, once a full window (or the end) is there to hash."""
-        with self._cond:
-            while not self._done and self._written - hashed < HASH_WINDOW:
-                self._cond.wait()
-            return self._written, self._done
-
-    def _run(self) -> None:
-        hashed = 0
-        try:
-            with _HASHERS, open(self.path, "rb", buffering=0) as fh:
-                while True:
-                    written, done = self._ready(hashed)
-                    if self._failed:
-                        return
-                    hashed = self._hash_range(fh.fileno(), hashed, written)
-                    if done and hashed >= written:
-                        return
-        except BaseException as exc:  # noqa: BLE001 - raised by result()
-            self._error = exc
-
-    def _hash_range(self, fd: int, start: int, stop: int) -> int:
-        """Hash bytes ``start:stop`` of the file through read-only mappings (the pages the writer just filled)."""
-        granule = mmap.ALLOCATIONGRANULARITY
-        while start < stop:
-            base = start - start % granule
-            length = min(stop, base + HASH_WINDOW) - base
-            with mmap.mmap(fd, length, prot=mmap.PROT_READ, offset=base) as mapped:
-                self._sha.update(memoryview(mapped)[start - base :])  # releases the GIL
-            start = base + length
-        return start
-
-    def result(self) -> str:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._sha.hexdigest()
 
 
 class SafetensorsStream:

@@ -18,7 +18,7 @@ from .torchfile import read_torch_file, torch_tensor_source
 
 @dataclasses.dataclass(frozen=True)
 class AdapterFolder:
-    """A PEFT ``save_pretrained`` folder. Its tensor keys drop the adapter name (``...q_proj.lora_A.weight``)."""
+    """A PEFT ``save_pretrained`` folder. Its tensor keys drop the adapter name (no ``.default``)."""
 
     path: Path
     config: dict[str, Any]

@@ -1,6 +1,6 @@
 """Opening a checkpoint: its metadata (hyper-parameters, epoch, step) and its weights as a tensor source.
 
-Formats are a table, keyed by what ``discover.checkpoint_kind`` sees: single files (Lightning checkpoints with
+Formats are a table, keyed by what ``kinds.checkpoint_kind`` sees: single files (Lightning checkpoints with
 ``state_dict``, Fabric checkpoints with the weights under ``model`` or another state name, plain state_dicts,
 safetensors), DeepSpeed ZeRO folders and torch.distributed.checkpoint folders. Optimizer states and other
 non-weight contents are sized, never read.
@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from ..discover import checkpoint_kind
 from ..errors import ConvertError, untrusted
 from ..identity import SourceIdentity, source_identity
+from ..kinds import checkpoint_kind
 from .base import TensorSource
 from .pread import SpanReader
 from .safetensors import SafetensorsSource

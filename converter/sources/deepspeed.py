@@ -191,10 +191,10 @@ class _Reader:
         origins: dict[str, str] = {}
         masters = f"fp32 masters (optimizer partitions of {world} ranks)"
         if stage == 3:
-            self._stage3_trainable(shapes, groups, world, ranks[0][0], pieces)
+            _stage3_trainable(self.tag, shapes, groups, world, ranks[0][0], pieces)
         else:
             paddings = ranks[0][1].get("param_alignment_paddings")
-            self._stage12_trainable(shapes, groups, world, paddings, pieces)
+            _stage12_trainable(self.tag, shapes, groups, world, paddings, pieces)
         origins.update(dict.fromkeys(pieces, masters))
         spans: dict[str, Span] = {}
         tensors: dict[str, torch.Tensor] = {}
@@ -272,51 +272,6 @@ class _Reader:
         }
         return source, layout
 
-    def _stage12_trainable(self, shapes, groups, world, paddings, pieces) -> None:
-        """Stages 1-2: a group's partitions, concatenated in rank order, hold its parameters one after another."""
-        for g, group_shapes in enumerate(shapes):
-            runs = [groups[r][g] for r in range(world)]
-            sizes = {run.shape[0] for run in runs}
-            if len(sizes) > 1:
-                raise ConvertError(
-                    f"{self.tag}: the ranks' partitions of parameter group {g} differ in size ({sorted(sizes)}); the "
-                    "files come from different runs"
-                )
-            offset, available = 0, sum(run.shape[0] for run in runs)
-            pads = paddings[g] if isinstance(paddings, (list, tuple)) and g < len(paddings) else None
-            for i, (name, shape) in enumerate(group_shapes.items()):
-                n = numel(shape)
-                pieces[name] = Pieces(runs[0].dtype, shape, slice_runs(runs, offset, n))
-                offset += n + (int(pads[i]) if pads is not None and i < len(pads) else 0)
-            align = 2 * world  # DeepSpeed pads each group to a multiple of 2 x world size (as zero_to_fp32 checks)
-            if math.ceil(offset / align) * align != math.ceil(available / align) * align:
-                raise ConvertError(
-                    f"{self.tag}: parameter group {g} needs {offset} elements, the partitions hold {available}; the "
-                    "files come from different runs or another model"
-                )
-
-    def _stage3_trainable(self, shapes, groups, world, path, pieces) -> None:
-        """Stage 3: every parameter is split across the ranks, ceil(numel / world) elements each (the last padded),
-        laid out parameter after parameter in each rank's groups."""
-        merged = {name: shape for group in shapes for name, shape in group.items()}
-        offset = 0
-        per_rank = [sum(run.shape[0] for run in rank) for rank in groups]
-        if len(set(per_rank)) > 1:
-            raise ConvertError(
-                f"{self.tag}: the ranks hold partitions of different sizes ({per_rank}); the files come from "
-                "different runs"
-            )
-        for name, shape in merged.items():
-            part = math.ceil(numel(shape) / world)
-            runs = [run for r in range(world) for run in slice_runs(groups[r], offset, part)]
-            pieces[name] = Pieces(groups[0][0].dtype, shape, tuple(runs))
-            offset += part
-        if offset != per_rank[0]:
-            raise ConvertError(
-                f"{path}: the parameters need {offset} elements per rank, the partitions hold {per_rank[0]}; the "
-                "files come from different runs or another model"
-            )
-
     def _stage3_frozen(self, frozen_shapes, world, pieces, origins) -> None:
         """Stage 3 frozen parameters: one partition per rank in each rank's model states."""
         ranks = sorted(r for r in self.model_files if r is not None)
@@ -346,6 +301,52 @@ class _Reader:
             runs = tuple(per_rank[r][name] for r in range(world))
             pieces[name] = Pieces(runs[0].dtype, shape, runs)
             origins[name] = f"frozen fragments ({world} ranks)"
+
+
+def _stage12_trainable(tag: Path, shapes, groups, world, paddings, pieces) -> None:
+    """Stages 1-2: a group's partitions, concatenated in rank order, hold its parameters one after another."""
+    for g, group_shapes in enumerate(shapes):
+        runs = [groups[r][g] for r in range(world)]
+        sizes = {run.shape[0] for run in runs}
+        if len(sizes) > 1:
+            raise ConvertError(
+                f"{tag}: the ranks' partitions of parameter group {g} differ in size ({sorted(sizes)}); the "
+                "files come from different runs"
+            )
+        offset, available = 0, sum(run.shape[0] for run in runs)
+        pads = paddings[g] if isinstance(paddings, (list, tuple)) and g < len(paddings) else None
+        for i, (name, shape) in enumerate(group_shapes.items()):
+            n = numel(shape)
+            pieces[name] = Pieces(runs[0].dtype, shape, slice_runs(runs, offset, n))
+            offset += n + (int(pads[i]) if pads is not None and i < len(pads) else 0)
+        align = 2 * world  # DeepSpeed pads each group to a multiple of 2 x world size (as zero_to_fp32 checks)
+        if math.ceil(offset / align) * align != math.ceil(available / align) * align:
+            raise ConvertError(
+                f"{tag}: parameter group {g} needs {offset} elements, the partitions hold {available}; the "
+                "files come from different runs or another model"
+            )
+
+
+def _stage3_trainable(tag: Path, shapes, groups, world, path, pieces) -> None:
+    """Stage 3: every parameter is split across the ranks, ceil(numel / world) elements each (the last padded),
+    laid out parameter after parameter in each rank's groups."""
+    merged = {name: shape for group in shapes for name, shape in group.items()}
+    offset = 0
+    per_rank = [sum(run.shape[0] for run in rank) for rank in groups]
+    if len(set(per_rank)) > 1:
+        raise ConvertError(
+            f"{tag}: the ranks hold partitions of different sizes ({per_rank}); the files come from different runs"
+        )
+    for name, shape in merged.items():
+        part = math.ceil(numel(shape) / world)
+        runs = [run for r in range(world) for run in slice_runs(groups[r], offset, part)]
+        pieces[name] = Pieces(groups[0][0].dtype, shape, tuple(runs))
+        offset += part
+    if offset != per_rank[0]:
+        raise ConvertError(
+            f"{path}: the parameters need {offset} elements per rank, the partitions hold {per_rank[0]}; the "
+            "files come from different runs or another model"
+        )
 
 
 def client_state(folder: Path) -> dict[str, Any]:

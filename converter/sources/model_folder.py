@@ -8,13 +8,14 @@ import json
 from pathlib import Path
 
 from ..errors import ConvertError, untrusted
+from ..names import LEGACY_WEIGHTS, LEGACY_WEIGHTS_INDEX, WEIGHTS, WEIGHTS_INDEX
 from .base import SpanSource
 from .pread import SpanReader
 from .safetensors import safetensors_spans
 from .torchfile import read_torch_file, torch_tensor_source
 
-INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-SINGLE = ("model.safetensors", "pytorch_model.bin")
+INDEXES = (WEIGHTS_INDEX, LEGACY_WEIGHTS_INDEX)
+SINGLE = (WEIGHTS, LEGACY_WEIGHTS)
 
 
 def _files(folder: Path) -> list[Path]:

@@ -83,6 +83,51 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
 
 
+class BufferPool:
+    """Buffers lent out and handed back, the freed ones kept for reuse up to ``pool_bytes``: reusing them saves the
+    kernel zeroing fresh pages for every chunk and every merged layer. Thread-safe; a buffer lent to several holders
+    (``hold``) goes back when the last one releases it."""
+
+    def __init__(self, chunk_bytes: int, pool_bytes: int) -> None:
+        self.chunk_bytes, self.pool_bytes = chunk_bytes, pool_bytes
+        self._free: list[torch.Tensor] = []
+        self._lent: dict[int, torch.Tensor] = {}
+        self._refs: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def lend(self, nbytes: int) -> torch.Tensor:
+        """A uint8 buffer of at least ``nbytes`` (the smallest free one that fits, else a new one)."""
+        with self._lock:
+            fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
+            buf = self._free.pop(min(fits, key=lambda i: self._free[i].numel())) if fits else None
+        if buf is None:
+            buf = torch.empty(max(nbytes, self.chunk_bytes), dtype=torch.uint8)
+        with self._lock:
+            self._lent[buf.data_ptr()] = buf
+            self._refs[buf.data_ptr()] = 1
+        return buf
+
+    def release(self, tensor: torch.Tensor) -> None:
+        ptr = tensor.untyped_storage().data_ptr()
+        with self._lock:
+            if ptr not in self._lent:
+                return
+            self._refs[ptr] -= 1
+            if self._refs[ptr] > 0:
+                return
+            del self._refs[ptr]
+            self._free.append(self._lent.pop(ptr))
+            while sum(b.numel() for b in self._free) > self.pool_bytes:
+                self._free.pop(0)  # the oldest goes back to the allocator
+
+    def hold(self, tensor: torch.Tensor) -> None:
+        """One more holder of a lent buffer (the CRC-32 worker, say)."""
+        ptr = tensor.untyped_storage().data_ptr()
+        with self._lock:
+            if ptr in self._lent:
+                self._refs[ptr] += 1
+
+
 class SpanReader:
     """Reads spans with ``os.pread`` into pooled buffers; verifies each zip record's CRC-32 when it is read whole.
 
@@ -96,9 +141,7 @@ class SpanReader:
         self.chunk_bytes = chunk_bytes
         self.pool_bytes = pool_bytes
         self._fds: dict[Path, int] = {}
-        self._free: list[torch.Tensor] = []
-        self._lent: dict[int, torch.Tensor] = {}
-        self._refs: dict[int, int] = {}
+        self.pool = BufferPool(chunk_bytes, pool_bytes)
         self._lock = threading.Lock()
         # CRC-32s run on a worker thread, in submission order; wait_crc() collects the verdicts.
         self._crc_worker: ThreadPoolExecutor | None = None
@@ -143,37 +186,12 @@ class SpanReader:
 
     # --- buffers -------------------------------------------------------------------------------------------
     def lend(self, nbytes: int) -> torch.Tensor:
-        """A pooled uint8 buffer of at least ``nbytes`` (the smallest free one that fits, else a new one); hand it
-        (or any view of it) back with ``release``."""
-        with self._lock:
-            fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
-            buf = self._free.pop(min(fits, key=lambda i: self._free[i].numel())) if fits else None
-        if buf is None:
-            buf = torch.empty(max(nbytes, self.chunk_bytes), dtype=torch.uint8)
-        with self._lock:
-            self._lent[buf.data_ptr()] = buf
-            self._refs[buf.data_ptr()] = 1
-        return buf
+        """A pooled uint8 buffer of at least ``nbytes``; hand it (or any view of it) back with ``release``."""
+        return self.pool.lend(nbytes)
 
     def release(self, tensor: torch.Tensor) -> None:
         """Give back a pooled buffer once every holder has (a no-op for any other tensor); thread-safe."""
-        ptr = tensor.untyped_storage().data_ptr()
-        with self._lock:
-            if ptr not in self._lent:
-                return
-            self._refs[ptr] -= 1
-            if self._refs[ptr] > 0:
-                return
-            del self._refs[ptr]
-            self._free.append(self._lent.pop(ptr))
-            while sum(b.numel() for b in self._free) > self.pool_bytes:
-                self._free.pop(0)  # the oldest goes back to the allocator
-
-    def _hold(self, tensor: torch.Tensor) -> None:
-        ptr = tensor.untyped_storage().data_ptr()
-        with self._lock:
-            if ptr in self._lent:
-                self._refs[ptr] += 1
+        self.pool.release(tensor)
 
     # --- reads ---------------------------------------------------------------------------------------------
     def rows(self, span: Span, start: int, stop: int, pooled: bool = False) -> torch.Tensor:
@@ -251,7 +269,7 @@ class SpanReader:
     def crc_async(self, span: Span, piece: torch.Tensor, first: bool, last: bool) -> None:
         """Fold ``piece`` into its record's CRC-32 on the worker thread; check the record after its last piece."""
         key = (span.path, span.record.offset)
-        self._hold(piece)
+        self.pool.hold(piece)
 
         def step() -> None:
             try:
