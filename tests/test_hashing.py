@@ -46,8 +46,27 @@ def test_a_file_changed_after_prefetch_is_hashed_again(tmp_path):
 
 
 def test_a_failed_cli_convert_leaves_no_hashing_thread(causal_lm_run, tmp_path, capsys):
-    argv = ["convert", causal_lm_run, "--out", tmp_path / "out", "--config", "nope", "--quiet", "--source-sha256"]
-    code, _, stderr = cli(capsys, *argv)
-    assert code == 2 and stderr.startswith("ckpt2hf: error: ")
-    assert not [t for t in threading.enumerate() if t.name == "ckpt2hf-source-hash" and t.is_alive()]
+    # A checkpoint of 8 GB of holes: hashing it takes seconds, so the hash the CLI starts before the imports is
+    # still running when the conversion fails (the file is no zip); the CLI must stop it before it returns.
+    ckpt = tmp_path / "big.ckpt"
+    with ckpt.open("wb") as f:
+        f.truncate(8 << 30)
+    seen, stop = [], threading.Event()
+
+    def observe() -> None:
+        while not stop.is_set() and not seen:
+            seen.extend(t for t in threading.enumerate() if t.name == "ckpt2hf-source-hash")
+            stop.wait(0.001)
+
+    observer = threading.Thread(target=observe)
+    observer.start()
+    argv = ["convert", causal_lm_run, "--ckpt", ckpt, "--out", tmp_path / "out", "--quiet", "--source-sha256"]
+    try:
+        code, _, stderr = cli(capsys, *argv)
+    finally:
+        stop.set()
+        observer.join()
+    assert code == 2 and stderr.startswith(f"ckpt2hf: error: {ckpt}: ")
+    assert seen, "the CLI started no hash of the checkpoint"
+    assert not seen[0].is_alive()
     assert not (tmp_path / "out").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 
@@ -73,14 +74,30 @@ def test_checkpoint_folders_are_identified_file_by_file(name, in_full, distribut
 def test_a_checkpoint_modified_during_the_conversion_is_refused(pano_run, tmp_path):
     ckpt = tmp_path / "last.ckpt"
     shutil.copyfile(pano_run / "checkpoints" / "last.ckpt", ckpt)
-    identity = source_identity(ckpt)
-    identity.check_unchanged()
-    os.utime(ckpt, ns=(1, 1))
-    with pytest.raises(ConvertError) as error:
-        identity.check_unchanged()
+
+    class TouchWhenTheLanguageModelIsWritten(logging.Handler):
+        """Modifies the checkpoint (a trainer saving again) while the conversion is half way through."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("writing language_model"):
+                os.utime(ckpt, ns=(1, 1))
+
+    logger, handler = logging.getLogger("converter"), TouchWhenTheLanguageModelIsWritten()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with pytest.raises(ConvertError) as error:
+            run_convert(pano_run, tmp_path / "out", ckpt=ckpt)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     assert str(error.value) == (
         f"{ckpt}: it changed while being read; convert a checkpoint that is no longer being written"
     )
+    assert os.stat(ckpt).st_mtime_ns == 1
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
 
 
 def test_source_sha256_adds_the_full_hash_beside_the_identity(causal_lm_run, tmp_path, capsys):
