@@ -41,8 +41,13 @@ SHAPES = {
     # The 0.6B shape trained by DeepSpeed ZeRO-3 on two CPU ranks (a checkpoint folder of per-rank partitions)
     "qwen3-0.6b-zero3": {"layers": 28, "hidden": 1024, "intermediate": 3072, "heads": 16, "kv_heads": 8,
                          "head_dim": 128},
+    # The 0.6B shape with LoHa (r 32, alpha 64, the same targets and modules_to_save) instead of LoRA: a tuner
+    # whose merge computes its delta from four factors, against the LoRA run of the same shape.
+    "qwen3-0.6b-loha": {"layers": 28, "hidden": 1024, "intermediate": 3072, "heads": 16, "kv_heads": 8,
+                        "head_dim": 128},
 }  # fmt: skip
 ZERO3 = {"qwen3-0.6b-zero3"}
+TUNER_SHAPES = {"qwen3-0.6b-loha": ("qwen3-0.6b", "LOHA", {"r": 32, "alpha": 64})}  # shape: (LoRA twin, type, settings)
 
 FLOOR = """
 import os, shutil, sys
@@ -131,6 +136,21 @@ def build(shape: str, cache: Path, accelerator: str, dtype: str) -> Path:
 
         # LoRA only: with trainable embedding copies, two ranks' AdamW states outgrow 24 GB.
         train(root, bases, specs=(DistSpec(shape, "deepspeed", stage=3, modules_to_save=None),))
+    elif shape in TUNER_SHAPES:
+        sys.path.insert(0, str(REPO / "tests"))
+        from converter.example import PANORAMA_TARGETS
+
+        from tuners import TunerRun, peft_config, tuner_module_class
+
+        _, peft_type, settings = TUNER_SHAPES[shape]
+        tuner = TunerRun(shape, peft_type, {**settings, "target_modules": PANORAMA_TARGETS},
+                         modules_to_save=spec.modules_to_save)  # fmt: skip
+        module = tuner_module_class()
+
+        def make_module(vision_dir: Path, lm_dir: Path):
+            return module(str(vision_dir), str(lm_dir), peft_config=peft_config(tuner))
+
+        build_run(root, spec, bases=bases, make_module=make_module)
     else:
         build_run(root, spec, bases=bases)
     print(f"built {shape} in {time.perf_counter() - started:.0f} s", flush=True)
@@ -325,6 +345,45 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+TUNER_CONTENDERS = (
+    "convert --no-verify, streaming",
+    "convert --no-verify, full",
+    "convert with verification, streaming",
+)
+
+
+def tuner_ratios(results: list[dict]) -> list[dict]:
+    """Each tuner shape against its LoRA twin measured in the same run and sha256 mode: wall and peak RSS ratios."""
+    by_key = {(r["shape"], r["sha256_mode"]): r for r in results}
+    ratios = []
+    for r in results:
+        twin = by_key.get((TUNER_SHAPES.get(r["shape"], (None,))[0], r["sha256_mode"]))
+        for name in TUNER_CONTENDERS if twin else ():
+            if name in r["contenders"] and name in twin["contenders"]:
+                mine, lora = r["contenders"][name], twin["contenders"][name]
+                ratios.append({
+                    "shape": r["shape"], "lora_shape": twin["shape"], "sha256_mode": r["sha256_mode"],
+                    "contender": name, "wall_s": mine["median_wall_s"], "lora_wall_s": lora["median_wall_s"],
+                    "wall_vs_lora": mine["median_wall_s"] / lora["median_wall_s"],
+                    "peak_rss_bytes": mine["median_peak_rss_bytes"],
+                    "rss_vs_lora": mine["median_peak_rss_bytes"] / lora["median_peak_rss_bytes"],
+                })  # fmt: skip
+    return ratios
+
+
+def tuner_table(ratios: list[dict]) -> str:
+    lines = [
+        "| tuner shape (sha256 mode) | contender | median wall | LoRA twin | x LoRA | peak RSS | RSS x LoRA |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in ratios:
+        lines.append(
+            f"| {r['shape']} ({r['sha256_mode']}) | {r['contender']} | {r['wall_s']:.1f} s | {r['lora_wall_s']:.1f} s "
+            f"| {r['wall_vs_lora']:.2f} | {r['peak_rss_bytes'] / 1e9:.2f} GB | {r['rss_vs_lora']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def chart(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -351,7 +410,7 @@ def chart(results: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--shapes", nargs="+", default=["qwen3-0.6b"], choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", default=["qwen3-0.6b", "qwen3-0.6b-loha"], choices=list(SHAPES))
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--build-accelerator", default="cpu")
@@ -375,18 +434,21 @@ def main() -> None:
         return
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     results = [run_shape(shape, args, env, mode) for shape in args.shapes for mode in args.sha256]
+    ratios = tuner_ratios(results)
     report = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine(args.device),
         "reps": args.reps,
         "shapes": results,
+        "tuners_vs_lora": ratios,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     name = "results" if args.device == "cpu" else f"results-{args.device}"
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / f"{name}.md").write_text(table(results) + "\n")
+    text = table(results) + (f"\n\n{tuner_table(ratios)}" if ratios else "")
+    (args.out / f"{name}.md").write_text(text + "\n")
     chart(results, args.out / f"{name}.png")
-    print(table(results))
+    print(text)
 
 
 if __name__ == "__main__":

@@ -142,7 +142,7 @@ def peft_config(run: TunerRun) -> Any:
     return config_cls(**kwargs)
 
 
-def _module_class():
+def tuner_module_class():
     import lightning
     from peft import get_peft_model
     from transformers import AutoModel, AutoModelForCausalLM
@@ -215,7 +215,7 @@ def build_tuner_run(root: Path, run: TunerRun) -> Path:
     vision_dir, lm_dir = bases(root, run)
     folder = root / "runs" / run.name
     lightning.seed_everything(0, verbose=False)
-    module_cls = _module_class()
+    module_cls = tuner_module_class()
     if run.hparams == "object":
         module = module_cls(str(vision_dir), str(lm_dir), peft_config=peft_config(run))
     else:
