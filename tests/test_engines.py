@@ -105,3 +105,23 @@ def test_safetensors_stream_writes_tensors_without_elements(tmp_path):
     assert written.keys() == {"a", "empty", "b"}
     assert torch.equal(written["a"], a) and written["empty"].shape == (0, 3) and torch.equal(written["b"], b)
     assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_reads_are_cpu_tensors_whatever_the_default_device(pano_run):
+    """The full engine builds its model under ``torch.device(--device)`` and reads the checkpoint there: every
+    read must still come back on the CPU with the stored values (a buffer allocated on the default device broke
+    ``--device cuda``). The meta device stands in for a GPU: a buffer allocated there holds no bytes at all."""
+    from converter.sources import SpanReader, open_checkpoint
+
+    path = pano_run / "checkpoints" / "last.ckpt"
+    stored = torch.load(path, weights_only=True, map_location="cpu")["state_dict"]
+    with SpanReader(chunk_bytes=4096, pool_bytes=1 << 16) as reader, torch.device("meta"):
+        source = open_checkpoint(path, reader).source
+        keys = sorted(source.keys())
+        whole = {k: source.read(k) for k in keys}
+        writable = {k: source.read(k, writable=True) for k in keys[:5]}
+        pieces = {k: torch.cat([p.clone() for _, _, p in source.chunks(k, pooled=True)]) for k in keys[:5]}
+    assert {t.device.type for t in [*whole.values(), *writable.values(), *pieces.values()]} == {"cpu"}
+    assert_same_tensors(whole, stored)
+    assert_same_tensors(writable, {k: stored[k] for k in writable})
+    assert_same_tensors(pieces, {k: stored[k].reshape(-1, *stored[k].shape[1:]) for k in pieces})

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,14 +80,17 @@ class FullEngine(Engine):
         adapter = part.adapter
         where = str(self._checkpoint_path(part))
 
-        def base_weights() -> dict[str, torch.Tensor]:
-            """The base model's state as training began (the adapted modules' weights before the merge): PEFT's
-            initialisation may compute with them. (Everything is loaded again once PEFT has wrapped the model.)"""
-            return {key: self.sources.read(part.inputs[rel]) for key, rel in part.plain.items()}
+        def base_weights() -> Iterator[tuple[str, torch.Tensor]]:
+            """The base model's state as training began (the adapted modules' weights before the merge), one tensor
+            at a time: the state PEFT creates and never saves may be computed from them (PSOFT's SVD)."""
+            for key, rel in part.plain.items():
+                yield key, self.sources.read(part.inputs[rel])
 
+        # Only a tuner with unsaved state needs them: any other initialisation is replaced by the loaded state below.
         model = build_peft_model(
-            part.auto_class, part.config, adapter.config, adapter.adapter_name, self.device, where, base_weights
-        )
+            part.auto_class, part.config, adapter.config, adapter.adapter_name, self.device, where,
+            base_weights if adapter.unsaved_state else None,
+        )  # fmt: skip
         shape_like_folder(model, adapter.config, adapter.adapter_name, dict(adapter.folder_shapes))
         params = model.state_dict()
         with torch.no_grad():

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -264,25 +264,28 @@ def build_peft_model(
     adapter_name: str,
     device: torch.device | str,
     where: str = "",
-    base_weights: Callable[[], Mapping[str, torch.Tensor]] | None = None,
+    base_weights: Callable[[], Iterable[tuple[str, torch.Tensor]]] | None = None,
 ) -> nn.Module:
     """The unmerged PEFT model in float32 on ``device``, built as PEFT builds it for training: the base model first
-    (``base_weights()``: its plain state, else zeros), then PEFT's wrapping, whose initialisation may compute with
-    those weights (PSOFT's SVD). The caller then loads the PEFT model's own state."""
+    (``base_weights()``: its plain state as ``(key, tensor)`` pairs, read one at a time; else zeros), then PEFT's
+    wrapping, whose initialisation may compute with those weights (PSOFT's SVD) or draw from a CPU generator
+    (VeRA's and FourierFT's PRNG key). Built on the CPU, as a training script builds it, then moved to ``device``:
+    an SVD on a GPU may choose other signs, and a CPU generator cannot fill a GPU tensor. The caller then loads the
+    PEFT model's own state."""
     from transformers.initialization import no_init_weights
 
     hf_config = copy.deepcopy(hf_config)  # merge_and_unload edits the model's config (tie_word_embeddings)
-    with library_warnings_to_log(), torch.device(device):
+    with library_warnings_to_log(), torch.device("cpu"):
         with no_init_weights():
             base = _build_base(auto_class, hf_config, where, dtype=torch.float32)
         _zero(base)
         if base_weights is not None:
             params = base.state_dict()
             with torch.no_grad():
-                for key, tensor in base_weights().items():
+                for key, tensor in base_weights():
                     params[key].copy_(tensor)
         model = _wrap(base, config, adapter_name, where)
-    return model.eval()
+    return model.to(device).eval()
 
 
 def _refused(exc: Exception, config: Any, where: str) -> ConvertError:

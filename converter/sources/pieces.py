@@ -88,7 +88,9 @@ class PiecedSource(SpanSource):
         position in the buffer."""
         count, itemsize = stop - start, p.dtype.itemsize
         raw = (
-            self.reader.lend(count * itemsize) if pooled and count else torch.empty(count * itemsize, dtype=torch.uint8)
+            self.reader.lend(count * itemsize)
+            if pooled and count
+            else torch.empty(count * itemsize, dtype=torch.uint8, device="cpu")
         )
         out = raw[: count * itemsize].view(p.dtype)
         parts, position = [], 0

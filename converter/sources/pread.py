@@ -101,7 +101,7 @@ class BufferPool:
             fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
             buf = self._free.pop(min(fits, key=lambda i: self._free[i].numel())) if fits else None
         if buf is None:
-            buf = torch.empty(max(nbytes, self.chunk_bytes), dtype=torch.uint8)
+            buf = torch.empty(max(nbytes, self.chunk_bytes), dtype=torch.uint8, device="cpu")
         with self._lock:
             self._lent[buf.data_ptr()] = buf
             self._refs[buf.data_ptr()] = 1
@@ -204,7 +204,7 @@ class SpanReader:
         if pooled and nbytes > 0:
             out = self.lend(nbytes)[:nbytes].view(span.dtype).view(shape)
         else:
-            out = torch.empty(shape, dtype=span.dtype)
+            out = torch.empty(shape, dtype=span.dtype, device="cpu")
         self.pread(span.path, span.offset + start * span.row_bytes, out)
         return out
 
