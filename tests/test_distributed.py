@@ -214,10 +214,11 @@ def test_a_missing_rank(distributed_runs, tmp_path, capsys):
 
 
 @pytest.mark.trust
-def test_a_truncated_partition(distributed_runs, tmp_path, capsys):
+@pytest.mark.parametrize("keep", [0.5, 0.98])
+def test_a_truncated_partition(keep, distributed_runs, tmp_path, capsys):
     run = _copy(distributed_runs, "zero3", tmp_path)
     path = _folder(run) / "checkpoint" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    path.write_bytes(path.read_bytes()[: int(path.stat().st_size * keep)])
     line = refused(capsys, run, tmp_path)
     assert line.startswith(f"ckpt2hf: error: {path}: not a readable PyTorch checkpoint (")
     assert line.endswith("the file may be truncated or corrupt")
@@ -268,6 +269,22 @@ def test_a_missing_rank_file_of_a_sharded_fsdp_checkpoint(distributed_runs, tmp_
     assert line == (
         f"ckpt2hf: error: {_folder(run) / '__1_0.distcp'}: missing; a rank's file of the checkpoint was not copied"
     )
+
+
+@pytest.mark.trust
+@pytest.mark.parametrize("keep", [0.5, 0.98])
+def test_a_rank_file_cut_short_is_refused_before_anything_is_written(keep, distributed_runs, tmp_path, capsys):
+    """A copy of a rank's file that stopped partway (through the weights, or only through the optimizer states that
+    follow them) is refused by the sizes ``.metadata`` records, with nothing written."""
+    run = _copy(distributed_runs, "fsdp", tmp_path)
+    path = _folder(run) / "__1_0.distcp"
+    size = path.stat().st_size
+    with path.open("r+b") as f:
+        f.truncate(int(size * keep))
+    line = refused(capsys, run, tmp_path)
+    assert line.startswith(f"ckpt2hf: error: {path}: {int(size * keep)} bytes, but .metadata records data up to byte ")
+    assert line.endswith("; the file was cut short (an incomplete copy): copy it again from the training machine")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.trust

@@ -161,16 +161,32 @@ class _Reader:
         return PiecedSource(self.folder, self.reader, {}, pieces, order, origins), layout
 
 
+def _check_sizes(folder: Path, streams: Mapping[str, list[tuple[int, int]]]) -> None:
+    """Every rank's file at least as long as ``.metadata`` says, optimizer states included: a copy that stopped
+    partway is refused before anything is read (a chunk the conversion does not read would otherwise go unnoticed)."""
+    for name, spans in sorted(streams.items()):
+        path = folder / name
+        if not path.is_file():
+            continue  # named when a weight's chunk is read from it: "missing; a rank's file ... was not copied"
+        end, size = max(offset + length for offset, length in spans), path.stat().st_size
+        if size < end:
+            raise ConvertError(
+                f"{path}: {size} bytes, but {METADATA} records data up to byte {end}; the file was cut short (an "
+                "incomplete copy): copy it again from the training machine"
+            )
+
+
 def open_dcp(
     folder: Path, reader: SpanReader
 ) -> tuple[PiecedSource, dict[str, Any], dict[str, Any], dict[str, list[tuple[int, int]]]]:
     """(source, the checkpoint dict in meta.pt (empty without one), layout facts for inspect, the torch.save
     streams of every entry, optimizer states included: file name -> (offset, length) of each)."""
     dcp = _Reader(folder, reader)
-    source, layout = dcp.source()
     streams: dict[str, list[tuple[int, int]]] = {}
     for info in dcp.storage.values():
         streams.setdefault(str(info["relative_path"]), []).append((int(info["offset"]), int(info["length"])))
+    _check_sizes(folder, streams)
+    source, layout = dcp.source()
     meta: dict[str, Any] = {}
     if (folder / META).is_file():
         obj, _ = read_torch_file(folder / META)
