@@ -123,6 +123,9 @@ def render(report: dict[str, Any]) -> str:
         lines += _rows([(what, source) for what, source in hp["used"].items()])
     for v in report.get("vocabulary", []):
         lines += ["", f"vocabulary: {v['component']}"]
+        if "found_by" not in v:
+            lines += _rows([("tokenizer", v["tokenizer"])])
+            continue
         added = ", ".join(f"{t} ({i})" for t, i in v["added_tokens"].items()) or "none"
         rows = [
             ("tokenizer", f"{v['found_by']}: {v['tokens']} tokens"),

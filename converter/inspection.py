@@ -33,6 +33,7 @@ from .peft import (
 from .plan import PartPlan, Plan, dtype_name
 from .planner import Opened, build_plan, open_run
 from .settle import settle
+from .vocab import NO_TOKENIZER
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +283,8 @@ def _vocabulary(plan: Plan) -> list[dict[str, Any]]:
     training, padding rows; and the adapter features that touch the vocabulary."""
     found = []
     for part in plan.parts:
+        if part.ships_no_tokenizer:
+            found.append({"component": part.name, "tokenizer": NO_TOKENIZER})
         if part.tokenizer is None:
             continue
         entry = {"component": part.name, **part.tokenizer.record()}

@@ -265,6 +265,13 @@ def write_model_card(folder: Path, manifest: Manifest, plan: Plan) -> None:
         f"Run `{manifest.source['run']}`, checkpoint `{src['path']}` ({src['format']}): epoch {src['epoch']}, "
         f"global step {src['global_step']}; {identified}."
     )
+    bare = [p.name for p in plan.parts if p.ships_no_tokenizer]
+    no_tokenizer = (
+        f"\n- No tokenizer ships with {', '.join(f'`{n}`' for n in bare)}: neither the run nor its base model had "
+        "one. Load the tokenizer the model was trained with from where it is kept."
+        if bare
+        else ""
+    )
     listed = (
         f"`{MANIFEST}` lists every file with its sha256 (`ckpt2hf verify` checks them), the key accounting and the "
         "verification figures."
@@ -292,6 +299,6 @@ weights with no PEFT needed to load them.
 
 - {run}
 - {merged}
-- {listed}
+- {listed}{no_tokenizer}
 """
     ModelCard(content).save(folder / MODEL_CARD)

@@ -36,7 +36,7 @@ from .plan import QLORA_BASES, OutTensor, PartPlan
 from .policy import check_fit, configured_tie, output_dtype, part_dtype, plan_tie
 from .sources import Sources, SpanSource, TensorInfo, TensorRef
 from .sources.model_folder import open_model_folder
-from .vocab import check_tokenizer, find_tokenizer
+from .vocab import BASE, check_tokenizer, find_tokenizer, has_tokenizer, no_tokenizer
 from .weight_format import load_renames, meta_model, save_layout
 
 log = logging.getLogger(__name__)
@@ -191,6 +191,9 @@ class PartPlanner:
             self.opened.checkpoint.hparams,
             base.path,
         )
+        if found_by == BASE and not has_tokenizer(folder):
+            no_tokenizer(self.where, folder)
+            return None
         return check_tokenizer(folder, found_by, rows, base_vocab, self.where)
 
     def _plan_adapter(self, shape: ModelShape, config: Any, config_from: str, quantized: dict) -> Any:

@@ -22,10 +22,10 @@ from .bases import BaseRef
 from .discover import RunInputs
 from .keymap import OuterPrefix
 from .layout import Component
-from .names import CONFIG, WEIGHTS
+from .names import CONFIG, TOKENIZER_CONFIG, WEIGHTS
 from .peft import AdapterPlan
 from .sources import Sources, TensorRef
-from .vocab import Tokenizer
+from .vocab import NO_TOKENIZER, Tokenizer
 from .weight_format import SaveLayout
 
 QLORA_BASES = {
@@ -169,6 +169,8 @@ class PartPlan:
             out["tie_word_embeddings"] = self.tied
         if self.tokenizer is not None:
             out["tokenizer"] = self.tokenizer.record()
+        elif self.ships_no_tokenizer:
+            out["tokenizer"] = NO_TOKENIZER
         if self.quantized:
             out["qlora"] = {"quantized_weights": len(self.quantized), "base_weights_from": QLORA_BASES[self.qlora_base]}
         if self.adapter is not None:
@@ -179,6 +181,12 @@ class PartPlan:
                 "tensors_from": self.adapter.tensors_from,
             }
         return out
+
+    @property
+    def ships_no_tokenizer(self) -> bool:
+        """A language model exported without a tokenizer (neither the run nor its base had one)."""
+        shipped = self.tokenizer is not None or TOKENIZER_CONFIG in self.support_files
+        return self.comp.kind == "hf_causal_lm" and not shipped
 
     def files(self) -> list[str]:
         if self.auto_class is None:

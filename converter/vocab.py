@@ -85,6 +85,27 @@ def find_tokenizer(
     return base, BASE
 
 
+NO_TOKENIZER = "none: neither the run nor its base model has tokenizer files; the export ships no tokenizer"
+
+
+def has_tokenizer(folder: Path | None) -> bool:
+    """Whether ``folder`` holds a tokenizer (``tokenizer.json`` or ``tokenizer_config.json``)."""
+    return _has_tokenizer(folder)
+
+
+def no_tokenizer(where: str, base: Path) -> None:
+    """Neither the run nor the base has a tokenizer (a checkpoint-only base): nothing to ship, nothing to check
+    against the embeddings. Not an error: the weights are whole; the warning says what the export lacks."""
+    log.warning(
+        "%s: no tokenizer: neither the run (--tokenizer, the adapter folder, RUN/tokenizer/, hyper_parameters.%s) "
+        "nor the base model (%s) has one; the export ships none: add the tokenizer the model was trained with before "
+        "release",
+        where,
+        "/".join(TOKENIZER_HPARAMS),
+        base,
+    )
+
+
 def check_tokenizer(folder: Path, found_by: str, rows: int | None, base_vocab: int | None, where: str) -> Tokenizer:
     """Load the tokenizer (transformers, local files only) and check it against the embeddings' rows."""
     from transformers import AutoTokenizer

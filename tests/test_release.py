@@ -274,3 +274,36 @@ def test_one_run_flags_with_many_runs_are_one_line(pano_run, causal_lm_run, tmp_
     extra = [flag, tmp_path / "x"] if flag != "--dry-run" else [flag]
     code, _, stderr = cli(capsys, "convert", pano_run, causal_lm_run, "--out-root", tmp_path / "r", *extra)
     assert code == 2 and len(stderr.strip().splitlines()) == 1 and flag in stderr
+
+
+def test_a_base_without_a_tokenizer_converts_and_ships_none(pano_run, tmp_path, capsys, caplog):
+    """A checkpoint-only base (no tokenizer files) and a run that saved no tokenizer: nothing to pass with
+    --tokenizer, so the conversion goes on, warns once, ships no tokenizer and says so in the manifest and card."""
+    from converter.names import TOKENIZER_FILES
+    from converter.vocab import NO_TOKENIZER
+
+    hparams = torch.load(pano_run / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)["hyper_parameters"]
+    lm = tmp_path / "lm"
+    shutil.copytree(hparams["language_model_name"], lm)
+    removed = [n for n in TOKENIZER_FILES if (lm / n).is_file()]
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(removed)
+    for name in removed:
+        (lm / name).unlink()
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="converter"):
+        code, _, stderr = cli(capsys, "convert", pano_run, "--out", out, "--base", f"language_model={lm}", "--quiet")
+    assert code == 0, stderr
+    said = [r.getMessage() for r in caplog.records if "tokenizer" in r.getMessage()]
+    assert said == [
+        f"{pano_run / 'checkpoints' / 'last.ckpt'} (language_model): no tokenizer: neither the run (--tokenizer, "
+        "the adapter folder, RUN/tokenizer/, hyper_parameters.tokenizer_name/tokenizer_name_or_path/tokenizer_path/"
+        f"tokenizer) nor the base model ({lm}) "
+        "has one; the export ships none: add the tokenizer the model was trained with before release"
+    ]
+    assert not [n for n in TOKENIZER_FILES if (out / "language_model" / n).exists()]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["components"]["language_model"]["tokenizer"] == NO_TOKENIZER
+    assert manifest["verification"]["language_model"]["loads_clean"] is True
+    card = (out / "README.md").read_text()
+    assert "No tokenizer ships with `language_model`: neither the run nor its base model had one." in card
+    assert "AutoTokenizer" not in card
