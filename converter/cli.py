@@ -48,7 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="convert each RUN into OUT_ROOT/<run name>/, going on past a run that fails; ends with a table",
     )
     conv.add_argument("--ckpt", type=Path, help="checkpoint to convert (default: last.ckpt, else newest by step)")
-    conv.add_argument("--config", default="panorama_vlm", help="layout config: a name in configs/ or a YAML path")
+    conv.add_argument(
+        "--config",
+        default="auto",
+        help="layout config: a name in configs/ or a YAML path (default: auto, the built-in layout the keys fit)",
+    )
     conv.add_argument("--adapter-dir", type=Path, help="PEFT adapter folder (default: RUN/lora_weights)")
     conv.add_argument(
         "--lora-from",
@@ -100,12 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="also write the run's adapter as a clean PEFT folder (PeftModel.from_pretrained(base, DIR) loads it)",
     )
+    conv.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse a checkpoint that lacks tensors of the model (by default they are read from the base model, "
+        "as for frozen weights a run did not save)",
+    )
     conv.add_argument("--no-verify", dest="verify", action="store_false", help="skip reloading and logit checks")
     conv.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     conv.add_argument("--force", action="store_true", help="replace an existing OUT (kept until the new one is done)")
     insp = sub.add_parser("inspect", help="explain a run or checkpoint: keys, PEFT layout, what a plain load reports")
     insp.add_argument("run", type=Path, help="run folder or checkpoint file")
-    insp.add_argument("--config", default="panorama_vlm", help="layout config: a name in configs/ or a YAML path")
+    insp.add_argument(
+        "--config", default="auto", help="layout config: a name in configs/ or a YAML path (default: auto)"
+    )
     insp.add_argument(
         "--base",
         type=_base_arg,
@@ -115,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder with config.json for a component (for the plan)",
     )
 
+    for p in (conv, insp):  # for runs that saved no adapter config
+        p.add_argument("--adapter-config", type=Path, metavar="FILE", help="the run's PEFT adapter_config.json")
+        p.add_argument("--lora-r", type=int, metavar="N", help="LoRA's rank (default: read from the tensors)")
+        p.add_argument("--lora-alpha", type=_number, metavar="N", help="LoRA's alpha, when the run saved none")
+
     ver = sub.add_parser("verify", help="check an export against its manifest (sha256, shards, metadata)")
     ver.add_argument("out", type=Path, help="export folder (holding manifest.json)")
 
@@ -123,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bars, warnings and errors only")
         p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     return parser
+
+
+CONFIG_HELP = "layout config: a name in configs/ or a YAML path (default: auto, the built-in layout the keys fit)"
+
+
+def _number(text: str) -> int | float:
+    """A number as the user wrote it: ``16`` stays an int (as PEFT's configs hold it), ``0.5`` a float."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
 def _setup_logging(quiet: bool, debug: bool) -> None:
@@ -249,7 +277,8 @@ def _main(args: argparse.Namespace) -> int:
             from .inspection import inspect_run, render
 
             logging.getLogger("converter").setLevel(logging.DEBUG if args.debug else logging.ERROR)
-            report = inspect_run(args.run, config=args.config, bases=dict(args.base))
+            given = {"adapter_config": args.adapter_config, "lora_r": args.lora_r, "lora_alpha": args.lora_alpha}
+            report = inspect_run(args.run, config=args.config, bases=dict(args.base), **given)
             print(json.dumps(report, indent=2) if args.json else render(report))
         elif args.command == "convert":
             return _convert(args)
@@ -288,6 +317,10 @@ def _options(args: argparse.Namespace, run: Path, out: Path | None) -> Any:
         tokenizer=args.tokenizer,
         source_sha256=args.source_sha256,
         adapter_out=args.adapter_out,
+        strict=args.strict,
+        adapter_config=args.adapter_config,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
     )
 
 

@@ -59,6 +59,8 @@ def render(report: dict[str, Any]) -> str:
             ("convert uses", f"{c['convert_would_choose']['path']} ({c['convert_would_choose']['because']})"),
         ]
     )
+    lines += ["", "layout"]
+    lines += _rows([("layout", report["layout"]["name"]), ("found by", report["layout"]["found_by"])])
     w = report["wrappers"]
     lines += ["", "wrappers"]
     lines += _rows(
@@ -66,6 +68,7 @@ def render(report: dict[str, Any]) -> str:
             ("prefix", repr(w["prefix"])),
             ("attribute", str(w["attribute"])),
             ("wrappers", ", ".join(w["wrappers"]) or "none"),
+            ("removed anywhere", ", ".join(w["removed_anywhere"]) or "none"),
         ]
     )
     for p in report["peft"]:

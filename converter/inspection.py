@@ -22,6 +22,7 @@ from .layout import Component
 from .options import ConvertOptions
 from .peft import (
     ComponentKeys,
+    GivenConfig,
     SourceComparison,
     adapter_config,
     classify_adapter_keys,
@@ -40,10 +41,13 @@ log = logging.getLogger(__name__)
 __all__ = ["inspect_run", "render"]
 
 
-def inspect_run(path: Path, config: str = "panorama_vlm", bases: dict[str, Path] | None = None) -> dict[str, Any]:
-    """Explain ``path`` (a run folder or a checkpoint file) as a JSON-ready dict; see the README for the keys."""
+def inspect_run(path: Path, config: str = "auto", bases: dict[str, Path] | None = None, **given: Any) -> dict[str, Any]:
+    """Explain ``path`` (a run folder or a checkpoint file) as a JSON-ready dict; see the README for the keys.
+    ``given``: what the command line says of the adapter's config (``adapter_config``, ``lora_r``, ``lora_alpha``)."""
     path = Path(path)
-    opts = ConvertOptions(run=path, config=config, bases=dict(bases or {}), lora_from="checkpoint", progress=False)
+    opts = ConvertOptions(
+        run=path, config=config, bases=dict(bases or {}), lora_from="checkpoint", progress=False, **given
+    )
     with open_run(opts) as opened:
         return _report(path, opened, opts)
 
@@ -79,7 +83,7 @@ def _report(path: Path, opened: Opened, opts: ConvertOptions) -> dict[str, Any]:
         if comp.kind == "state_dict":  # modules_to_save only: nothing to merge, its copies show in the accounting
             continue
         part = next((p for p in plan.parts if p.name == comp.name), None) if plan else None
-        peft.append(_peft_section(comp, prefix, analysis, part, opened, warnings))
+        peft.append(_peft_section(comp, prefix, analysis, part, opened, warnings, opts.given_config))
         if opened.adapter is not None:
             comparisons[comp.name] = part.adapter.comparison if part is not None and part.adapter else None
     adapter_section: dict[str, Any] | None = {"path": None, "keys": 0, "matches_checkpoint": None}
@@ -102,9 +106,11 @@ def _report(path: Path, opened: Opened, opts: ConvertOptions) -> dict[str, Any]:
         warnings.extend(_plan_warnings(plan))
     return {
         "checkpoint": _checkpoint_section(path, opened),
+        "layout": {"name": opened.layout.name, "found_by": opened.layout_evidence},
         "wrappers": {
             "prefix": split.outer.prefix,
             "wrappers": list(split.outer.wrappers),
+            "removed_anywhere": list(split.outer.removed),
             "attribute": split.outer.attribute,
         },
         "peft": peft,
@@ -229,7 +235,13 @@ def _adapter_section(
 
 
 def _peft_section(
-    comp: Component, prefix: str, analysis: ComponentKeys, part: PartPlan | None, opened: Opened, warnings: list[str]
+    comp: Component,
+    prefix: str,
+    analysis: ComponentKeys,
+    part: PartPlan | None,
+    opened: Opened,
+    warnings: list[str],
+    given: GivenConfig,
 ) -> dict[str, Any]:
     layout = analysis.peft
     section: dict[str, Any] = {
@@ -250,7 +262,7 @@ def _peft_section(
     else:
         try:
             cfg, source = adapter_config(
-                layout, opened.adapter, opened.checkpoint.hparams, str(opened.inputs.checkpoint)
+                layout, opened.adapter, opened.checkpoint.hparams, str(opened.inputs.checkpoint), given
             )
         except ConvertError as exc:
             section.update(parameters=None, config_from=None)

@@ -24,6 +24,7 @@ class OuterPrefix:
     wrappers: tuple[str, ...]
     attribute: str | None
     peft: bool = False
+    removed: tuple[str, ...] = ()  # wrapper segments removed wherever they stood in a key (torch.compile's, FSDP's)
 
     @property
     def plain_prefix(self) -> str:
@@ -130,15 +131,28 @@ def strip_inner_wrappers(key: str, inner: Iterable[str]) -> str:
     return ".".join(seg for seg in key.split(".") if seg not in inner) if inner else key
 
 
+def strip_leading_wrappers(rel: str, wrappers: Iterable[str]) -> str:
+    """A component-relative key without the wrappers in front of it (a component wrapped by DDP: ``module.``)."""
+    head, _, rest = rel.partition(".")
+    while rest and head in wrappers:
+        rel = rest
+        head, _, rest = rel.partition(".")
+    return rel
+
+
 def split_components(keys: Iterable[str], config: LayoutConfig) -> Split:
     """Assign every source key to a component or a drop rule; the rest are listed in ``unclaimed``."""
     names: dict[str, str] = {}  # key without inner wrappers -> source key
+    inner = set(config.inner_wrappers)
+    removed: dict[str, None] = {}
     for key in keys:
+        removed.update(dict.fromkeys(seg for seg in key.split(".") if seg in inner))
         name = strip_inner_wrappers(key, config.inner_wrappers)
         if name in names:
             raise ConvertError(f"two checkpoint keys name the same tensor {name!r}: {names[name]!r} and {key!r}")
         names[name] = key
-    outer = detect_outer_prefix(list(names), config)
+    outer = dataclasses.replace(detect_outer_prefix(list(names), config), removed=tuple(removed))
+    anchored = not outer.peft and any(k.split(".").count("base_model") for k in names)
     by_comp: dict[str, dict[str, str]] = {c.name: {} for c in config.components}
     dropped: dict[str, list[str]] = defaultdict(list)
     unclaimed = []
@@ -152,12 +166,41 @@ def split_components(keys: Iterable[str], config: LayoutConfig) -> Split:
             dropped[rule.reason].append(key)
             continue
         comp = _match_component(config, rest)
-        if comp is None:
-            unclaimed.append(key)
+        if comp is None or (not comp.prefix and anchored and not rest.startswith(PEFT_PREFIX)):
+            unclaimed.append(key)  # an empty prefix claims only what PEFT's marker anchors, where there is one
             continue
-        by_comp[comp.name][rest[len(comp.prefix) :]] = key
+        by_comp[comp.name][strip_leading_wrappers(rest[len(comp.prefix) :], config.wrappers)] = key
     if outer.peft:  # PEFT wraps the whole model: a component with PEFT's markers reads as a PEFT sub-model
         for name, keys in by_comp.items():
             if any(has_markers(rel) for rel in keys):
                 by_comp[name] = {PEFT_PREFIX + rel: key for rel, key in keys.items()}
     return Split(outer, by_comp, dict(dropped), unclaimed)
+
+
+@dataclasses.dataclass(frozen=True)
+class Discovered:
+    """The layout a run's keys fit, and the evidence: how many keys each built-in layout claims."""
+
+    layout: LayoutConfig
+    split: Split
+    claimed: dict[str, int]  # layout name -> keys its components claim
+    given: bool  # named with --config (not discovered)
+
+    @property
+    def evidence(self) -> str:
+        if self.given:
+            return f"--config {self.layout.name}"
+        total = len(self.split.unclaimed) + sum(len(k) for k in self.split.keys.values())
+        total += sum(len(k) for k in self.split.dropped.values())
+        others = ", ".join(f"{name} {n}" for name, n in self.claimed.items() if name != self.layout.name)
+        return f"discovered: its components claim {self.claimed[self.layout.name]} of the {total} keys ({others})"
+
+
+def discover_layout(keys: list[str], layouts: list[LayoutConfig]) -> Discovered:
+    """The layout whose components claim every key (the first of ``layouts`` that does, the default first); when
+    none claims them all, the one that claims the most, whose split then lists the keys left over."""
+    splits = [(layout, split_components(keys, layout)) for layout in layouts]
+    claimed = {layout.name: len(keys) - len(split.unclaimed) for layout, split in splits}
+    whole = [(layout, split) for layout, split in splits if not split.unclaimed]
+    layout, split = whole[0] if whole else max(splits, key=lambda ls: (claimed[ls[0].name], -splits.index(ls)))
+    return Discovered(layout, split, claimed, given=False)

@@ -12,6 +12,10 @@ from .errors import ConvertError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 KINDS = ("hf_causal_lm", "hf_model", "state_dict")
+# Segments that only a wrapper inserts (torch.compile, Fabric, FSDP, activation checkpointing): removed at any depth
+# of a key, inside a component or inside the PEFT model, whatever the layout config says. DDP's ``module.`` may be a
+# real module's name: it is removed where a wrapper stands, in front of the keys and in front of a component.
+ANYWHERE_WRAPPERS = ("_orig_mod", "_forward_module", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +66,16 @@ def resolve_config_path(name_or_path: str) -> Path:
     raise ConvertError(f"{name_or_path}: no such config; pass a YAML file or one of: {known}")
 
 
+DEFAULT = "panorama_vlm"
+AUTO = "auto"
+
+
+def builtin_layouts() -> list[LayoutConfig]:
+    """The layouts in the project's ``configs/``, the default first."""
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    return [load_layout(n) for n in sorted(names, key=lambda n: n != DEFAULT)]
+
+
 def load_layout(name_or_path: str = "panorama_vlm") -> LayoutConfig:
     """Read and validate a layout config; raise ConvertError naming the file and the field at fault."""
     path = resolve_config_path(name_or_path)
@@ -110,5 +124,5 @@ def load_layout(name_or_path: str = "panorama_vlm") -> LayoutConfig:
         wrappers=tuple(raw.get("wrappers") or ()),
         attribute=None if attribute in (None, "auto") else str(attribute),
         drop=tuple(drop),
-        inner_wrappers=tuple(raw.get("inner_wrappers") or ()),
+        inner_wrappers=tuple(dict.fromkeys((*ANYWHERE_WRAPPERS, *(raw.get("inner_wrappers") or ())))),
     )

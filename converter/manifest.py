@@ -72,7 +72,12 @@ def source_record(plan: Plan) -> dict[str, Any]:
 
 def wrappers_record(plan: Plan) -> dict[str, Any]:
     outer = plan.outer
-    return {"prefix": outer.prefix, "wrappers": list(outer.wrappers), "attribute": outer.attribute}
+    return {
+        "prefix": outer.prefix,
+        "wrappers": list(outer.wrappers),
+        "attribute": outer.attribute,
+        "removed_anywhere": list(outer.removed),
+    }
 
 
 def plan_summary(plan: Plan, out: Path) -> dict[str, Any]:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .sources.pread import CHUNK_BYTES, POOL_BYTES
+
+if TYPE_CHECKING:
+    from .peft import GivenConfig
 
 
 @dataclasses.dataclass
@@ -15,7 +19,7 @@ class ConvertOptions:
     run: Path
     out: Path | None = None
     ckpt: Path | None = None
-    config: str = "panorama_vlm"
+    config: str = "auto"  # a layout config (name in configs/ or a YAML path); auto: discovered from the keys
     adapter_dir: Path | None = None
     lora_from: str = "auto"  # auto | checkpoint | adapter
     bases: dict[str, Path] = dataclasses.field(default_factory=dict)
@@ -34,3 +38,14 @@ class ConvertOptions:
     pool_bytes: int = POOL_BYTES  # buffers the reader keeps for reuse
     adapter_out: Path | None = None  # also write the run's adapter as a clean PEFT folder here
     source_sha256: bool = False  # also hash every byte of the checkpoint (default: its zip records identify it)
+    strict: bool = False  # a tensor the checkpoint lacks is an error, not read from the base
+    adapter_config: Path | None = None  # a PEFT adapter_config.json for a run that saved none
+    lora_r: int | None = None  # LoRA's rank, for a run that saved no adapter config (default: from the tensors)
+    lora_alpha: float | None = None  # LoRA's alpha, for a run that saved no adapter config nor a lora_alpha
+
+    @property
+    def given_config(self) -> GivenConfig:
+        """What the command line says of the adapter's config."""
+        from .peft import GivenConfig
+
+        return GivenConfig(self.adapter_config, self.lora_r, self.lora_alpha)

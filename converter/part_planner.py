@@ -20,6 +20,7 @@ from .layout import Component
 from .names import CHECKPOINT, CONFIG, SUPPORT_FILES, TOKENIZER_FILES
 from .options import ConvertOptions
 from .peft import (
+    PEFT_PREFIX,
     AdapterInputs,
     ComponentKeys,
     ModelShape,
@@ -101,7 +102,10 @@ class PartPlanner:
         layout = self.analysis.peft
         if layout is None:
             return None, None
-        config, found = adapter_config(layout, self.opened.adapter, self.opened.checkpoint.hparams, self.where)
+        config, found = adapter_config(
+            layout, self.opened.adapter, self.opened.checkpoint.hparams, self.where, self.opts.given_config,
+            lambda rel: self.info(rel).shape,
+        )  # fmt: skip
         if self.opened.split.outer.peft:  # the adapter wraps the whole model: restate its config for this component
             config = component_config(config, layout, self.comp.prefix)
         return config, found
@@ -135,9 +139,7 @@ class PartPlanner:
             where=self.where,
             base_model=copy.deepcopy(model),
         )
-        from_base: tuple[str, ...] = ()
-        if ckpt.frozen_excluded:
-            plain, from_base = fill_from_base(self, base, config, shape)
+        plain, from_base = fill_from_base(self, base, config, shape)
         quantized = quantized_weights(analysis.keys)
         if quantized:
             unquantize(self, quantized, base, shape)
@@ -246,16 +248,27 @@ def fill_from_base(planner: PartPlanner, base: BaseRef, config: Any, shape: Mode
     analysis = planner.analysis
     layout = analysis.peft
     expected = shape.peft if layout is not None else shape.plain
-    missing = [rel for rel in expected if rel not in analysis.keys]
+    tied = configured_tie(config)
+    from_base = {rel: base_key(rel, layout.adapter_name) if layout is not None else rel for rel in expected}
+    # What the base holds: the adapter's own tensors missing are a damaged checkpoint, reported by the adapter's plan.
+    missing = [rel for rel in expected if rel not in analysis.keys and from_base[rel] is not None]
+    if tied and shape.embed_key in analysis.plain:  # a tied head is the checkpoint's embeddings, not the base's
+        missing = [rel for rel in missing if rel.removeprefix(PEFT_PREFIX) != shape.head_key]
     if not missing:
         return analysis.plain, ()
+    if planner.opts.strict:
+        raise ConvertError(
+            f"{planner.where}: {len(missing)} tensors of the model are not in the checkpoint "
+            f"({preview(sorted(missing), 3)}) "
+            "and --strict forbids taking them from the base model; convert without --strict to read them from "
+            f"{base.path}"
+        )
     why = f"the run did not save its frozen parameters ({len(missing)} tensors, e.g. {missing[0]})"
     name, weights = planner.base_weights(base, why)
     available = set(weights.keys())
-    tied = configured_tie(config)
     taken, unresolved = [], []
     for rel in missing:
-        key = base_key(rel, layout.adapter_name) if layout is not None else rel
+        key = from_base[rel]
         if key == shape.head_key and key not in available and tied:
             key = shape.embed_key  # a tied head is saved once, as the embeddings
         if key is None or key not in available or weights.info(key).shape != expected[rel]:
@@ -269,7 +282,16 @@ def fill_from_base(planner: PartPlanner, base: BaseRef, config: Any, shape: Mode
             f"{base.path} ({preview(unresolved, 3)}); the checkpoint is incomplete, or the base is not the one the run "
             "trained from"
         )
-    log.info("%s: %d frozen tensors the run did not save come from %s", planner.comp.name, len(taken), base.path)
+    if analysis.keys:
+        log.info("%s: %d tensors the run did not save come from %s", planner.comp.name, len(taken), base.path)
+    else:
+        log.warning(
+            "%s: the checkpoint holds none of its tensors (frozen and not saved): all %d are the base model's, read "
+            "from %s",
+            planner.comp.name,
+            len(taken),
+            base.path,
+        )
     whole: ComponentKeys = component_keys({**analysis.keys, **{rel: rel for rel in taken}}, planner.where)
     return whole.plain, tuple(taken)
 

@@ -14,8 +14,8 @@ import os
 
 from .discover import RunInputs, find_inputs
 from .errors import ConvertError, preview
-from .keymap import Split, split_components
-from .layout import LayoutConfig, load_layout
+from .keymap import Discovered, Split, discover_layout, split_components
+from .layout import AUTO, LayoutConfig, builtin_layouts, load_layout
 from .names import ADAPTER, CHECKPOINT
 from .options import ConvertOptions
 from .part_planner import AUTO_CLASS, PartPlanner
@@ -39,6 +39,7 @@ class Opened:
     split: Split
     sources: Sources  # "checkpoint", and "adapter" when the run has an adapter folder
     adapter: AdapterFolder | None = None  # the run's adapter folder
+    layout_evidence: str = ""  # how the layout was chosen (--config, or discovered from the keys)
 
     def close(self) -> None:
         self.sources.close()
@@ -71,8 +72,13 @@ def open_run(opts: ConvertOptions) -> Opened:
     reader = SpanReader(opts.chunk_bytes, opts.pool_bytes)
     try:
         checkpoint = open_checkpoint_file(inputs.checkpoint, reader)
-        layout = load_layout(opts.config)
-        split = split_components(checkpoint.source.keys(), layout)
+        keys = list(checkpoint.source.keys())
+        if opts.config == AUTO:
+            discovered = discover_layout(keys, builtin_layouts())
+        else:
+            layout = load_layout(opts.config)
+            discovered = Discovered(layout, split_components(keys, layout), {}, given=True)
+        layout, split = discovered.layout, discovered.split
         sources = {CHECKPOINT: checkpoint.source}
         adapter = None
         if inputs.adapter_root is not None:
@@ -84,13 +90,14 @@ def open_run(opts: ConvertOptions) -> Opened:
     except BaseException:
         reader.close()
         raise
+    log.info("layout: %s (%s)", layout.name, discovered.evidence)
     log.info(
         "outer prefix %r (wrappers: %s; attribute: %s)",
         split.outer.prefix,
         ", ".join(split.outer.wrappers) or "none",
         split.outer.attribute or "none",
     )
-    return Opened(inputs, checkpoint, layout, split, Sources(reader, sources), adapter)
+    return Opened(inputs, checkpoint, layout, split, Sources(reader, sources), adapter, discovered.evidence)
 
 
 def build_plan(opened: Opened, opts: ConvertOptions) -> Plan:
@@ -105,9 +112,12 @@ def build_plan(opened: Opened, opts: ConvertOptions) -> Plan:
     parts = []
     for comp in layout.components:
         keys = split.keys[comp.name]
-        if not keys and not (opened.checkpoint.frozen_excluded and AUTO_CLASS[comp.kind] is not None):
-            log.warning("component %s: the checkpoint has no keys for it; skipped", comp.name)
-            continue
+        if not keys and AUTO_CLASS[comp.kind] is None:  # a module of the project's own: no base to fill it from
+            raise ConvertError(
+                f"{opened.inputs.checkpoint}: the checkpoint holds no tensor of {comp.name} (keys under "
+                f"{split.outer.prefix}{comp.prefix}) and it has no base model to read them from; pass --config with a "
+                f"layout that does not list {comp.name}, or a checkpoint that saved it"
+            )
         parts.append(PartPlanner(comp, keys, opened, opts, sources).plan())
     ckpt = opened.checkpoint
     plan = Plan(

@@ -1,7 +1,8 @@
 """Runs that other processes train while the tests run: multi-GPU runs (two gloo ranks, tests/distributed.py), the
 PEFT variants (tests/variants.py, trained by the last rank once its multi-GPU work is done, so that the libraries
 are imported by as few processes as possible), the consumer tests' export and GGUF (tests/consumers.py, made by
-the first rank) and the runs of PEFT's other tuners (tests/tuners.py, the first rank after that).
+the first rank), the runs of PEFT's other tuners (tests/tuners.py, the first rank after that) and the runs left
+the ways projects leave them (tests/layouts.py, the last rank after the variants).
  Their tests run last (tests/conftest.py)."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 import distributed
+import layouts
 import tuners
 import variants
 from helpers import REPO
@@ -32,6 +34,9 @@ def _main(rank: int, world: int, roots: dict[str, str], bases: list[str], port: 
     if "variants" in roots and rank == world - 1:
         variants.build_all(roots["variants"])
         _done(roots["variants"], 0)
+    if "layouts" in roots and rank == world - 1:
+        layouts.build_all(roots["layouts"])
+        _done(roots["layouts"], 0)
     if "consumers" in roots and rank == 0:  # the first rank is free once its multi-GPU share is done
         import consumers
 
@@ -101,5 +106,5 @@ class Background:
             import consumers
 
             return dict(zip(("export", "gguf_read"), consumers.outputs(self.roots[kind]), strict=True))
-        names = tuners.TUNERS if kind == "tuners" else variants.VARIANTS
+        names = {"tuners": tuners.TUNERS, "layouts": layouts.RUNS}.get(kind, variants.VARIANTS)
         return {name: self.roots[kind] / "runs" / name for name in names}

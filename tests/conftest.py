@@ -84,7 +84,8 @@ def pano_export(pano_run, tmp_path_factory):
 
 
 # Made by other processes while the tests run; the tests that need them go last, in this order.
-BACKGROUND = ("example_process", "old_peft_run", "distributed_runs", "variant_runs", "consumer_export", "tuner_runs")
+BACKGROUND = ("example_process", "old_peft_run", "distributed_runs", "variant_runs", "layout_runs", "consumer_export",
+              "tuner_runs")  # fmt: skip
 
 
 def _needs(item, fixture: str) -> bool:
@@ -110,6 +111,7 @@ def _background(request, tmp_path_factory, bases):
         "variant_runs": "variants",
         "consumer_export": "consumers",
         "tuner_runs": "tuners",
+        "layout_runs": "layouts",
         "old_peft_run": "old_stack",
     }
     return Background({kinds[f]: tmp_path_factory.mktemp(kinds[f]) for f in wanted}, bases)
@@ -125,6 +127,13 @@ def distributed_runs(_background) -> dict[str, Path]:
 def variant_runs(_background) -> dict[str, Path]:
     """PEFT runs made the ways real VLM projects make them (tests/variants.py)."""
     return _background.runs("variants")
+
+
+@pytest.fixture(scope="session")
+def layout_runs(_background) -> dict[str, Path]:
+    """Runs left the ways projects leave them: the tutorial LM module, checkpoints without frozen weights, a compiled
+    inner module (tests/layouts.py)."""
+    return _background.runs("layouts")
 
 
 @pytest.fixture(scope="session")

@@ -174,7 +174,7 @@ def test_named_adapter_and_another_attribute(named_adapter_run, tmp_path):
     manifest = run_convert(named_adapter_run, out)
     assert manifest["adapter"]["name"] == "pano"
     assert manifest["adapter"]["sources_compared"]["equal"] is True
-    assert manifest["wrappers"] == {"prefix": "net.", "wrappers": [], "attribute": "net"}
+    assert manifest["wrappers"] == {"prefix": "net.", "wrappers": [], "attribute": "net", "removed_anywhere": []}
     pixel_values, input_ids = probe(named_adapter_run)
     torch.testing.assert_close(
         export_logits(out, pixel_values, input_ids),
@@ -207,7 +207,8 @@ def test_wrapper_prefixes_are_stripped(pano_run, pano_export, tmp_path):
     shutil.copytree(pano_run, run)
     torch.save(ckpt, run / "checkpoints" / "last.ckpt")
     manifest = run_convert(run, tmp_path / "out")
-    assert manifest["wrappers"]["wrappers"] == ["_forward_module", "module", "_orig_mod"]
+    assert manifest["wrappers"]["wrappers"] == ["module"]  # DDP's, in front of the keys
+    assert manifest["wrappers"]["removed_anywhere"] == ["_forward_module", "_orig_mod"]  # Fabric's, torch.compile's
     assert manifest["wrappers"]["attribute"] == "model"
     reference, _ = pano_export
     assert_same_tensors(export_tensors(tmp_path / "out"), export_tensors(reference))

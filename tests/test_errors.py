@@ -126,7 +126,13 @@ def test_unknown_scaling_is_refused(run_copy, tmp_path, capsys):
     del ckpt["hyper_parameters"]["lora_alpha"]
     torch.save(ckpt, run_copy / "checkpoints" / "last.ckpt")
     line = _one_line_error(capsys, "convert", run_copy, "--out", tmp_path / "out")
-    assert "the LoRA scaling is unknown: no adapter_config.json (lora_weights/) and no lora_r/lora_alpha" in line
+    assert line.endswith(
+        "the LoRA scaling is unknown: the run saved no adapter_config.json (lora_weights/) and no lora_alpha in its "
+        "hyper-parameters, and the tensors do not record it; pass --lora-alpha N (the lora_alpha the run trained "
+        "with), or --adapter-config FILE with its PEFT config"
+    )
+    code, _, stderr = cli(capsys, "convert", run_copy, "--out", tmp_path / "out", "--quiet", "--lora-alpha", "64")
+    assert code == 0, stderr  # the advice followed (verification on: the logits of the unmerged model)
 
 
 def test_unclaimed_keys_are_listed_with_a_hint(run_copy, tmp_path, capsys):

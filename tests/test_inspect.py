@@ -63,7 +63,7 @@ def test_seed_layout_numbers(deep_run):
     adapter = report["adapter_folder"]
     assert (adapter["keys"], adapter["adapted_modules"], adapter["matches_checkpoint"]) == (394, 196, True)
     assert adapter["modules_to_save"] == ["embed_tokens", "lm_head"]
-    assert report["wrappers"] == {"prefix": "model.", "wrappers": [], "attribute": "model"}
+    assert report["wrappers"] == {"prefix": "model.", "wrappers": [], "attribute": "model", "removed_anywhere": []}
     assert report["components"]["unclaimed"] == []
     assert {p["component"]: p["tensors"] for p in report["plan"]}["language_model"] == 311
     assert report["checkpoint"]["non_weight"]["optimizer_states"] > 0
@@ -85,6 +85,7 @@ def test_cli_json_and_text(pano_run, capsys):
     report = json.loads(stdout)
     assert set(report) >= {
         "checkpoint",
+        "layout",
         "wrappers",
         "peft",
         "components",
@@ -98,6 +99,7 @@ def test_cli_json_and_text(pano_run, capsys):
     sections = [line for line in stdout.splitlines() if line and not line.startswith(" ")]
     assert sections == [
         "checkpoint",
+        "layout",
         "wrappers",
         "peft: language_model",
         "components",
@@ -109,6 +111,10 @@ def test_cli_json_and_text(pano_run, capsys):
         "warnings",
     ]
     rows = _rows(render(inspect_run(pano_run)))
+    assert rows["layout"] == [
+        ["layout", "panorama_vlm"],
+        ["found by", "discovered: its components claim 114 of the 114 keys (causal_lm 0)"],
+    ]
     assert rows["peft: language_model"][:4] == [
         ["prefix", "model.language_model."],
         ["adapter", "default"],

@@ -7,7 +7,7 @@ import pytest
 from converter.accounting import MERGED, SUPERSEDED, WRITTEN
 from converter.errors import ConvertError
 from converter.keymap import split_components
-from converter.layout import load_layout
+from converter.layout import ANYWHERE_WRAPPERS, load_layout
 from converter.peft.keys import (
     base_key,
     classify_adapter_keys,
@@ -38,10 +38,11 @@ def test_components_claim_keys_behind_an_attribute_and_outer_wrappers(pano):
         f"_forward_module.module.net.language_model.{P}lm_head.weight",
     ]
     split = split_components(keys, pano)
-    assert (split.outer.prefix, split.outer.wrappers, split.outer.attribute) == (
-        "_forward_module.module.net.",
-        ("_forward_module", "module"),
+    assert (split.outer.prefix, split.outer.wrappers, split.outer.attribute, split.outer.removed) == (
+        "module.net.",  # Fabric's _forward_module is removed wherever it stands, DDP's module in front of the keys
+        ("module",),
         "net",
+        ("_forward_module",),
     )
     assert split.keys == {
         "vision_encoder": {"embeddings.patch_embedding.weight": keys[0]},
@@ -50,6 +51,21 @@ def test_components_claim_keys_behind_an_attribute_and_outer_wrappers(pano):
         "language_model": {f"{P}lm_head.weight": keys[3]},
     }
     assert split.unclaimed == []
+
+
+def test_wrappers_inside_a_component(pano):
+    """torch.compile of an inner module (``_orig_mod.`` inside it, at any depth), DDP around a component
+    (``module.`` right after the component's prefix): the same component keys as without them."""
+    keys = [
+        f"model.language_model._orig_mod.{P}model.layers.0.mlp.up_proj.lora_A.default.weight",
+        "model.projector.module.0.weight",
+        "model.resampler._orig_mod.module.queries",
+    ]
+    split = split_components(keys, pano)
+    assert split.keys["language_model"] == {f"{P}model.layers.0.mlp.up_proj.lora_A.default.weight": keys[0]}
+    assert split.keys["projector"] == {"0.weight": keys[1]}
+    assert split.keys["resampler"] == {"queries": keys[2]}
+    assert split.outer.removed == ("_orig_mod",) and split.unclaimed == []
 
 
 def test_inner_wrappers_are_removed_wherever_they_stand(pano):
@@ -292,4 +308,4 @@ def test_shipped_layouts_parse():
     pano, causal = load_layout("panorama_vlm"), load_layout("causal_lm")
     assert [c.name for c in pano.components] == ["vision_encoder", "resampler", "projector", "language_model"]
     assert causal.components[0].base == ("language_model_name", "model_name", "model_name_or_path", "base_model")
-    assert pano.inner_wrappers == causal.inner_wrappers == ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+    assert pano.inner_wrappers == causal.inner_wrappers == ANYWHERE_WRAPPERS

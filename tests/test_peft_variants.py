@@ -222,7 +222,9 @@ def test_qlora_base_weights_come_from_the_base_by_default(qlora_process, exports
 
 def test_whole_vlm_peft_merges_every_component(variant_runs, exports):
     manifest = json.loads((exports["whole-vlm"] / "manifest.json").read_text())
-    assert manifest["wrappers"] == {"prefix": "model.base_model.model.", "wrappers": [], "attribute": "model"}
+    assert manifest["wrappers"] == {
+        "prefix": "model.base_model.model.", "wrappers": [], "attribute": "model", "removed_anywhere": []
+    }  # fmt: skip
     keys = manifest["keys"]
     assert keys["projector"] == {"written": 4, "original_module superseded by modules_to_save": 4}
     assert keys["vision_encoder"]["merged into its base layer"] == 4 * 4  # q/v of two layers: weight, bias, A, B

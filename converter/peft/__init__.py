@@ -16,7 +16,7 @@ from .agreement import (
     require_agreement,
     shape_like_folder,
 )
-from .config import adapter_config, component_config, library_warnings_to_log, parameters
+from .config import GivenConfig, adapter_config, component_config, library_warnings_to_log, parameters
 from .keys import (
     PEFT_PREFIX,
     AdapterKeys,
@@ -46,6 +46,7 @@ __all__ = [
     "Pairing",
     "PeftLayout",
     "SourceComparison",
+    "GivenConfig",
     "adapter_config",
     "base_key",
     "build_peft_model",

@@ -16,14 +16,15 @@ import dataclasses
 import logging
 import re
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from ..errors import ConvertError, preview, untrusted
-from ..hparams import Opaque, Unresolved, lookup
+from ..hparams import Opaque, Unresolved, find, lookup
 from ..names import ADAPTER_CONFIG
 from . import registry
-from .keys import PeftLayout
+from .keys import PEFT_PREFIX, PeftLayout, plain_module
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +67,44 @@ def build_config(raw: Mapping[str, Any], layout: PeftLayout | None, where: objec
     return config
 
 
-def adapter_config(layout: PeftLayout, folder: Any, hparams: Mapping[str, Any], where: str) -> tuple[Any, str]:
-    """The config to rebuild the PEFT model with, and where it came from (``folder``: the run's AdapterFolder)."""
-    if folder is not None:
+@dataclasses.dataclass(frozen=True)
+class GivenConfig:
+    """What the command line says of the adapter's config, for runs that saved none: a whole PEFT config file
+    (``--adapter-config``), or LoRA's rank and alpha (``--lora-r``, ``--lora-alpha``)."""
+
+    file: Path | None = None
+    r: int | None = None
+    alpha: float | None = None
+
+    @property
+    def lora(self) -> dict[str, Any]:
+        return {k: v for k, v in (("lora_r", self.r), ("lora_alpha", self.alpha)) if v is not None}
+
+
+def adapter_config(
+    layout: PeftLayout,
+    folder: Any,
+    hparams: Mapping[str, Any],
+    where: str,
+    given: GivenConfig = GivenConfig(),  # noqa: B008 - frozen
+    shape_of: Callable[[str], tuple[int, ...]] | None = None,
+) -> tuple[Any, str]:
+    """The config to rebuild the PEFT model with, and where it came from (``folder``: the run's AdapterFolder;
+    ``shape_of``: a component key's shape, from which LoRA's ranks are read when nothing saved them)."""
+    if given.file is not None:
+        found: tuple[Any, str] = (_from_file(given.file, layout), f"--adapter-config {given.file}")
+    elif folder is not None:
+        if given.lora:
+            flags = " and ".join(f"--{k.replace('_', '-')}" for k in given.lora)
+            raise ConvertError(
+                f"{folder.path / ADAPTER_CONFIG}: the run's adapter config already gives the LoRA settings; drop "
+                f"{flags} (they are for runs that saved none), or pass --adapter-config FILE to replace it"
+            )
         config = build_config(folder.config, layout, folder.path / ADAPTER_CONFIG, ADAPTER_CONFIG)
         _warn_hparams_disagree(config, hparams, folder.path / ADAPTER_CONFIG, where)
-        found: tuple[Any, str] = (config, ADAPTER_CONFIG)
+        found = (config, ADAPTER_CONFIG)
     else:
-        found = _from_hparams(layout, hparams, where)
+        found = _from_hparams(layout, hparams, where, given, shape_of)
     check_tensors_fit(found[0], layout, where, found[1])
     refuse_unmergeable(found[0], where)
     return found
@@ -131,7 +162,31 @@ def _type_of(config_cls: type) -> str:
     return next(t.peft_type for t in registry.tuners().values() if t.config_cls is config_cls)
 
 
-def _from_hparams(layout: PeftLayout, hparams: Mapping[str, Any], where: str) -> tuple[Any, str]:
+def _from_file(path: Path, layout: PeftLayout) -> Any:
+    import json
+
+    if not path.is_file():
+        raise ConvertError(f"{path}: no such file (given with --adapter-config); pass a PEFT adapter_config.json")
+    with untrusted(path, "not a PEFT adapter config", "pass the adapter_config.json PEFT wrote for the run"):
+        raw = json.loads(path.read_text())
+        if not isinstance(raw, dict):
+            raise ValueError("expected a JSON object")
+    return build_config(raw, layout, path, path.name)
+
+
+def _from_hparams(
+    layout: PeftLayout,
+    hparams: Mapping[str, Any],
+    where: str,
+    given: GivenConfig = GivenConfig(),  # noqa: B008 - frozen
+    shape_of: Callable[[str], tuple[int, ...]] | None = None,
+) -> tuple[Any, str]:
+    if given.lora and layout.tuner != "LORA":
+        raise ConvertError(
+            f"{where}: --lora-r/--lora-alpha describe a LoRA adapter, but the checkpoint holds "
+            f"{registry.tuner(layout.tuner).article if layout.tuner else 'a'} "
+            f"{registry.tuner(layout.tuner).title if layout.tuner else 'PEFT'} adapter; pass --adapter-config FILE"
+        )
     nodes = list(_peft_nodes(hparams))
     distinct = {repr(sorted(n.items(), key=lambda kv: kv[0])) for _, n in nodes}
     if len(distinct) > 1:
@@ -148,7 +203,7 @@ def _from_hparams(layout: PeftLayout, hparams: Mapping[str, Any], where: str) ->
             )
         return build_config(node, layout, where, f"hyper_parameters.{path}"), f"hyper_parameters.{path}"
     if layout.tuner == "LORA":
-        return _lora_from_hparams(layout, hparams, where)
+        return _lora_from_hparams(layout, hparams, where, given, shape_of)
     named = f"{registry.tuner(layout.tuner).article} {registry.tuner(layout.tuner).title}" if layout.tuner else "a PEFT"
     raise ConvertError(
         f"{where}: the checkpoint holds {named} adapter ({preview(sorted(layout.segments), 3)}) but not its config: "
@@ -157,27 +212,86 @@ def _from_hparams(layout: PeftLayout, hparams: Mapping[str, Any], where: str) ->
     )
 
 
-def _lora_from_hparams(layout: PeftLayout, hparams: Mapping[str, Any], where: str) -> tuple[Any, str]:
-    """A LoRA config from the ``lora_r``/``lora_alpha`` hyper-parameters, targets and DoRA read from the tensors."""
-    found = {name: lookup(hparams, (name,), name, ADVICE, where) for name in ("lora_r", "lora_alpha", "use_rslora")}
+# Where projects keep LoRA's alpha when no PEFT config was saved: ``lora_alpha`` at any depth, or ``alpha`` in a node
+# whose name says it is the adapter's (``lora.alpha``, ``peft_config.alpha``); a bare ``alpha`` elsewhere is some
+# other alpha (a loss's, an optimizer's) and is never taken.
+ADAPTER_NODES = re.compile(r"(^|[._])(lora|peft|adapter)", re.IGNORECASE)
+
+
+def _lora_setting(hparams: Mapping[str, Any], names: tuple[str, ...], short: tuple[str, ...], where: str):
+    """(path, value) of a LoRA setting in the hyper-parameters, or None."""
+    found = lookup(hparams, names, names[0], ADVICE, where)
+    if found is not None:
+        return found
+    for name in short:
+        nodes = [(p, v) for p, v in find(hparams, name) if v is not None and ADAPTER_NODES.search(p.rpartition(".")[0])]
+        values = {repr(v) for _, v in nodes}
+        if len(values) > 1:
+            shown = ", ".join(f"hyper_parameters.{p} = {v!r}" for p, v in nodes)
+            raise ConvertError(f"{where}: {names[0]} is ambiguous: {shown}; pass --{names[0].replace('_', '-')}")
+        if nodes:
+            return nodes[0]
+    return None
+
+
+def lora_ranks(layout: PeftLayout, shape_of: Callable[[str], tuple[int, ...]]) -> dict[str, int]:
+    """Each adapted module's rank, read from its ``lora_A`` (or ``lora_embedding_A``) tensor."""
+    ranks = {}
+    for module in layout.adapted:
+        for key in (f"{PEFT_PREFIX}{module}.lora_A.{layout.adapter_name}.weight",
+                    f"{PEFT_PREFIX}{module}.lora_embedding_A.{layout.adapter_name}"):  # fmt: skip
+            with contextlib.suppress(KeyError):
+                ranks[plain_module(module)] = int(shape_of(key)[0])
+                break
+    return ranks
+
+
+def _lora_from_hparams(
+    layout: PeftLayout,
+    hparams: Mapping[str, Any],
+    where: str,
+    given: GivenConfig = GivenConfig(),  # noqa: B008 - frozen
+    shape_of: Callable[[str], tuple[int, ...]] | None = None,
+) -> tuple[Any, str]:
+    """A LoRA config for a run that saved none: alpha from ``--lora-alpha`` or the hyper-parameters (``lora_alpha``,
+    ``lora.alpha``, ...), never guessed; r from ``--lora-r``, the hyper-parameters or the tensors; targets and DoRA
+    from the tensors."""
+    found = {
+        "lora_r": _lora_setting(hparams, ("lora_r",), ("r", "rank"), where),
+        "lora_alpha": _lora_setting(hparams, ("lora_alpha",), ("alpha", "lora_alpha"), where),
+        "use_rslora": lookup(hparams, ("use_rslora",), "use_rslora", ADVICE, where),
+    }
+    for name, value in given.lora.items():
+        found[name] = (f"--{name.replace('_', '-')}", value)
+    ranks = lora_ranks(layout, shape_of) if shape_of is not None else {}
+    if found["lora_r"] is None and ranks:
+        found["lora_r"] = ("the tensors", max(set(ranks.values()), key=list(ranks.values()).count))
     r, alpha = (found[name][1] if found[name] else None for name in ("lora_r", "lora_alpha"))
-    if not isinstance(r, int) or not isinstance(alpha, (int, float)):
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
         raise ConvertError(
-            f"{where}: the LoRA scaling is unknown: no adapter_config.json (lora_weights/) and no lora_r/lora_alpha "
-            f"in hyper_parameters; {ADVICE}"
+            f"{where}: the LoRA scaling is unknown: the run saved no adapter_config.json (lora_weights/) and no "
+            "lora_alpha in its hyper-parameters, and the tensors do not record it; pass --lora-alpha N (the "
+            "lora_alpha the run trained with), or --adapter-config FILE with its PEFT config"
         )
+    if not isinstance(r, int) or isinstance(r, bool):
+        raise ConvertError(f"{where}: the LoRA rank is unknown; pass --lora-r N, or --adapter-config FILE")
+    pattern = {m: n for m, n in ranks.items() if n != r}
     raw = {
         "peft_type": "LORA",
         "r": r,
         "lora_alpha": alpha,
+        "rank_pattern": {f"^{re.escape(m)}$": n for m, n in pattern.items()},
         "target_modules": layout.target_names,
         "modules_to_save": layout.saved_names or None,
         "use_dora": "lora_magnitude_vector" in layout.segments,
         "use_rslora": bool(found["use_rslora"][1]) if found["use_rslora"] else False,
         "lora_dropout": 0.0,
     }
-    paths = ", ".join(found[name][0] for name in ("lora_r", "lora_alpha"))
-    return build_config(raw, layout, where, "the hyper-parameters"), f"hyper_parameters ({paths})"
+    said = [found[name][0] for name in ("lora_r", "lora_alpha")]
+    in_hparams = [p for p in said if not p.startswith("--") and p != "the tensors"]
+    others = sorted(f"r from {p}" if p == "the tensors" else p for p in said if p not in in_hparams)  # flags first
+    config_from = ", ".join([f"hyper_parameters ({', '.join(in_hparams)})"] * bool(in_hparams) + others)
+    return build_config(raw, layout, where, "the hyper-parameters"), config_from
 
 
 def check_tensors_fit(config: Any, layout: PeftLayout, where: str, source: str) -> None:

@@ -1,0 +1,175 @@
+"""Any Lightning run converts with no options: the layout discovered from the keys, wrappers anywhere, weights the
+checkpoint does not hold taken from the base (and counted), adapter settings given when nothing saved them, and the
+advice of each refusal followed to a conversion. The runs are real Trainer runs (tests/layouts.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from converter.accounting import FROM_BASE
+from converter.inspection import inspect_run
+
+from helpers import assert_engines_agree, assert_same_tensors, cli, export_tensors, load_report, refused
+from layouts import RUNS, TUTORIAL_ALPHA
+from variants import VLM
+
+CLEAN = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
+CONVERTS = [n for n in RUNS if n != "tutorial-no-alpha"]
+
+
+@pytest.fixture(scope="module")
+def exports(layout_runs, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("layout-exports")
+    return {name: root / name for name in layout_runs}
+
+
+def _lm_folder(name: str, out):
+    return out if RUNS[name].module == "tutorial" else out / "language_model"
+
+
+def _lm_tensors(name: str, out) -> dict[str, torch.Tensor]:
+    prefix = "./" if RUNS[name].module == "tutorial" else "language_model/"
+    tensors = export_tensors(out)
+    return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+@torch.no_grad()
+def _vlm_logits(out, pixel_values, input_ids):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    vision = AutoModel.from_pretrained(out / "vision_encoder").eval()
+    lm = AutoModelForCausalLM.from_pretrained(out / "language_model", dtype=torch.float32).eval()
+    vlm = VLM(vision, lm)
+    vlm.resampler.load_state_dict(load_file(out / "resampler" / "model.safetensors"))
+    vlm.projector.load_state_dict(load_file(out / "projector" / "model.safetensors"))
+    return vlm.eval()(pixel_values, input_ids)
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    return float((got - expected).abs().max()) <= 1e-5 * max(1.0, float(expected.abs().max()))
+
+
+def _check_export(name: str, run, out) -> None:
+    """A clean reload, every language-model tensor bit for bit PEFT's merge_and_unload of the live model, the
+    trained model's logits."""
+    lm, report = load_report(_lm_folder(name, out))
+    assert report == CLEAN
+    assert_same_tensors(_lm_tensors(name, out), load_file(run / "merged_lm" / "model.safetensors"))
+    trained = torch.load(run / "trained_logits.pt", weights_only=True)
+    with torch.no_grad():
+        assert _close(lm(input_ids=trained["input_ids"]).logits, trained["lm_logits"])
+    if "logits" in trained:
+        assert _close(_vlm_logits(out, trained["pixel_values"], trained["input_ids"]), trained["logits"])
+
+
+@pytest.mark.parametrize("name", CONVERTS)
+def test_converts_with_no_options(name, layout_runs, exports, capsys, tmp_path):
+    """``convert RUN`` and nothing else (verification on); the streaming engine writes the same."""
+    run, out = layout_runs[name], exports[name]
+    code, _, stderr = cli(capsys, "convert", run, "--out", out, "--quiet")
+    assert code == 0, stderr
+    _check_export(name, run, out)
+    assert_engines_agree(run, tmp_path, full=out)
+
+
+def test_the_tutorial_module_is_found_to_be_a_causal_lm(layout_runs, exports, capsys):
+    """The PEFT model as ``self.model``, the base named ``model_name``, alpha saved as ``lora.alpha``: the causal LM
+    layout is discovered from the keys, r and alpha read from ``lora.r`` and ``lora.alpha``, and inspect says so."""
+    manifest = json.loads((exports["tutorial"] / "manifest.json").read_text())
+    assert manifest["config"] == "causal_lm"
+    assert manifest["adapter"]["config_from"] == "hyper_parameters (lora.r, lora.alpha)"
+    assert manifest["adapter"]["parameters"]["lora_alpha"] == TUTORIAL_ALPHA
+    report = inspect_run(layout_runs["tutorial"])
+    assert report["layout"] == {
+        "name": "causal_lm",
+        "found_by": "discovered: its components claim 33 of the 33 keys (panorama_vlm 0)",
+    }
+
+
+def test_a_run_that_saved_no_alpha_is_refused_and_converts_with_the_flag_it_names(layout_runs, tmp_path, capsys):
+    run = layout_runs["tutorial-no-alpha"]
+    line = refused(capsys, run, tmp_path)
+    assert line == (
+        f"ckpt2hf: error: {run / 'checkpoints' / 'last.ckpt'} (language_model): the LoRA scaling is unknown: the run "
+        "saved no adapter_config.json (lora_weights/) and no lora_alpha in its hyper-parameters, and the tensors do "
+        "not record it; pass --lora-alpha N (the lora_alpha the run trained with), or --adapter-config FILE with its "
+        "PEFT config"
+    )
+    out = tmp_path / "advised"
+    code, _, stderr = cli(capsys, "convert", run, "--out", out, "--quiet", "--lora-alpha", str(TUTORIAL_ALPHA))
+    assert code == 0, stderr
+    _check_export("tutorial-no-alpha", run, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["adapter"]["config_from"] == "--lora-alpha, r from the tensors"
+
+
+def test_the_other_advice_converts_too(layout_runs, tmp_path, capsys):
+    """--adapter-config FILE, the refusal's other way: the PEFT config the run trained with, as PEFT writes it."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=8, lora_alpha=TUTORIAL_ALPHA, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    config.save_pretrained(tmp_path / "config")
+    run, out = layout_runs["tutorial-no-alpha"], tmp_path / "out"
+    argv = ["convert", run, "--out", out, "--quiet", "--adapter-config", tmp_path / "config" / "adapter_config.json"]
+    code, _, stderr = cli(capsys, *argv)
+    assert code == 0, stderr
+    _check_export("tutorial-no-alpha", run, out)
+
+
+@pytest.mark.parametrize(
+    ("name", "counts"),
+    [
+        # the language model's frozen weights: 14 base layers, 9 norms, the embeddings, lm_head's original copy
+        ("trainable-only", {"vision_encoder": 48, "resampler": 0, "projector": 0, "language_model": 25}),
+        ("vision-dropped", {"vision_encoder": 48, "resampler": 0, "projector": 0, "language_model": 0}),
+    ],
+)
+def test_weights_the_checkpoint_does_not_hold_come_from_the_base_counted_once(name, counts, layout_runs, exports):
+    manifest = json.loads((exports[name] / "manifest.json").read_text())
+    keys = manifest["keys"]
+    assert {part: keys[part].get(FROM_BASE, 0) for part in counts} == counts
+    own = sum(n for part in counts for fate, n in keys[part].items() if fate != FROM_BASE)
+    assert own == keys["source_keys"]  # the checkpoint's own keys, each counted once
+
+
+def test_a_component_the_checkpoint_dropped_is_the_base_s_with_a_warning(
+    layout_runs, exports, tmp_path, capsys, caplog
+):
+    """The frozen vision tower left out of the checkpoint: the export still holds it, the base's tensors exactly."""
+    run, out = layout_runs["vision-dropped"], exports["vision-dropped"]
+    hparams = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
+    base = load_file(f"{hparams['vision_name']}/model.safetensors")
+    written = load_file(out / "vision_encoder" / "model.safetensors")
+    assert_same_tensors(written, base)
+    with caplog.at_level("WARNING", logger="converter"):
+        code, _, stderr = cli(capsys, "convert", run, "--out", tmp_path / "again", "--quiet", "--no-verify")
+    assert code == 0, stderr
+    assert (
+        f"vision_encoder: the checkpoint holds none of its tensors (frozen and not saved): all 48 are the base "
+        f"model's, read from {hparams['vision_name']}"
+    ) in [r.getMessage() for r in caplog.records]
+
+
+def test_strict_refuses_what_the_checkpoint_lacks(layout_runs, tmp_path, capsys):
+    run = layout_runs["trainable-only"]
+    hparams = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
+    line = refused(capsys, run, tmp_path, "--strict")
+    assert line == (
+        f"ckpt2hf: error: {run / 'checkpoints' / 'last.ckpt'} (vision_encoder): 48 tensors of the model are not in "
+        "the checkpoint (embeddings.patch_embedding.bias, embeddings.patch_embedding.weight, "
+        "embeddings.position_embedding.weight (and 45 more)) and --strict forbids taking them from the base model; "
+        f"convert without --strict to read them from {hparams['vision_name']}"
+    )
+
+
+def test_a_compiled_inner_module_is_unwrapped(layout_runs, exports):
+    """``model.language_model._orig_mod.base_model.model...``: torch.compile's wrapper inside a component."""
+    keys = torch.load(layout_runs["compiled-inner"] / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert any(k.startswith("model.language_model._orig_mod.base_model.model.") for k in keys)
+    manifest = json.loads((exports["compiled-inner"] / "manifest.json").read_text())
+    assert manifest["config"] == "panorama_vlm"
+    assert manifest["keys"]["source_keys"] == len(keys)
