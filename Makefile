@@ -8,6 +8,11 @@ LLAMA := build/llama.cpp
 # An older stack for the tests' PEFT 0.6 run (tests/old_stack.py), ahead of the venv's packages on its PYTHONPATH.
 OLD_STACK := build/old-stack
 OLD_STACK_PACKAGES := peft==0.6.2 transformers==4.36.2 tokenizers==0.15.2 huggingface_hub==0.20.3
+# And the tutorial LM module as pytorch_lightning 1.9 and PEFT 0.10 wrote it (setuptools: lightning_fabric 1.9's
+# namespace package needs pkg_resources).
+OLD_PL := build/old-stack-pl19
+OLD_PL_PACKAGES := pytorch_lightning==1.9.5 peft==0.10.0 transformers==4.36.2 tokenizers==0.15.2 \
+	huggingface_hub==0.20.3 "setuptools<70"
 RUN ?=
 OUT ?=
 ARGS ?=
@@ -41,7 +46,7 @@ inspect: venv
 	$(PY) -m converter inspect "$$run" $(ARGS)
 
 # The tests are offline by themselves (tests/conftest.py); the Makefile leaves the hub to the user.
-test: venv lint $(LLAMA)/.prepared $(OLD_STACK)/.installed
+test: venv lint $(LLAMA)/.prepared $(OLD_STACK)/.installed $(OLD_PL)/.installed
 	$(PY) -m pytest -q -m "not consumers" $(PYTEST_ARGS)
 
 # llama.cpp's converter and vocabulary from llama-cpp-python's sdist, and the Qwen2 tokenizer (tests/consumers.py).
@@ -52,6 +57,11 @@ $(LLAMA)/.prepared: tests/consumers.py | venv
 $(OLD_STACK)/.installed: Makefile | venv
 	rm -rf $(OLD_STACK)
 	$(PY) -m pip install -q --no-deps --target $(OLD_STACK) $(OLD_STACK_PACKAGES)
+	touch $@
+
+$(OLD_PL)/.installed: Makefile | venv
+	rm -rf $(OLD_PL)
+	$(PY) -m pip install -q --no-deps --target $(OLD_PL) $(OLD_PL_PACKAGES)
 	touch $@
 
 # Not part of CI: builds llama-cpp-python (llama.cpp itself) from the same sdist -- 10 to 15 minutes on 2 cores --

@@ -18,10 +18,9 @@ import tuners
 import variants
 from helpers import REPO
 
-DONE = ".done-{rank}"
-OLD_STACK = (
-    REPO / "build" / "old-stack"
-)  # make test installs it  # written into a kind's root by each rank that finished its share of it
+DONE = ".done-{rank}"  # written into a kind's root by each rank that finished its share of it
+OLD_STACK = REPO / "build" / "old-stack"  # make test installs it
+OLD_PL = REPO / "build" / "old-stack-pl19"  # make test installs it
 
 
 def _main(rank: int, world: int, roots: dict[str, str], bases: list[str], port: int) -> None:
@@ -47,6 +46,16 @@ def _main(rank: int, world: int, roots: dict[str, str], bases: list[str], port: 
         _done(roots["tuners"], 0)
 
 
+def _old_stack(stack: Path, root: Path, *args: str) -> subprocess.Popen:
+    """tests/old_stack.py with an older stack ahead of the venv's packages."""
+    env = {**os.environ, "PYTHONPATH": str(stack), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, str(REPO / "tests" / "old_stack.py"), str(root), *args]
+    return subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: os.nice(10),
+    )  # fmt: skip
+
+
 def _done(root: str, rank: int) -> None:
     (Path(root) / DONE.format(rank=rank)).touch()
 
@@ -60,13 +69,11 @@ class Background:
 
         self.roots = {kind: Path(root) for kind, root in roots.items()}
         self._example = self._old = None
+        self._old_pl = None
         if "old_stack" in roots:  # an older PEFT and transformers ahead of the venv's, in a process of their own
-            env = {**os.environ, "PYTHONPATH": str(OLD_STACK), "HF_HUB_OFFLINE": "1"}
-            command = [sys.executable, str(REPO / "tests" / "old_stack.py"), str(roots["old_stack"])]
-            self._old = subprocess.Popen(
-                command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                preexec_fn=lambda: os.nice(10),
-            )  # fmt: skip
+            self._old = _old_stack(OLD_STACK, roots["old_stack"])
+        if "old_tutorial" in roots:  # pytorch_lightning 1.9 and PEFT 0.10
+            self._old_pl = _old_stack(OLD_PL, roots["old_tutorial"], "--tutorial")
         if "example" in roots:  # what make convert runs first, in a fresh process
             command = [sys.executable, "-m", "converter.example", str(roots["example"])]
             self._example = subprocess.Popen(
@@ -74,16 +81,18 @@ class Background:
             )
         self.world = distributed.WORLD if "distributed" in roots else 1
         self._context = None
-        if set(roots) - {"example", "old_stack"}:
+        if set(roots) - {"example", "old_stack", "old_tutorial"}:
             args = (self.world, {k: str(v) for k, v in roots.items()}, [str(b) for b in bases], distributed.free_port())
             self._context = mp.start_processes(_main, args=args, nprocs=self.world, join=False, start_method="spawn")
         self._finished = False
 
-    def old_stack(self) -> Path:
-        """The PEFT 0.6 run (tests/old_stack.py), once its process is done."""
-        stdout, stderr = self._old.communicate(timeout=600)
-        if self._old.returncode != 0:
-            raise RuntimeError(f"tests/old_stack.py failed (make test installs {OLD_STACK}):\n{stderr[-3000:]}")
+    def old_stack(self, tutorial: bool = False) -> Path:
+        """The PEFT 0.6 run (or the pytorch_lightning 1.9 tutorial run) of tests/old_stack.py, once it is done."""
+        process = self._old_pl if tutorial else self._old
+        stdout, stderr = process.communicate(timeout=600)
+        if process.returncode != 0:
+            stack = OLD_PL if tutorial else OLD_STACK
+            raise RuntimeError(f"tests/old_stack.py failed (make test installs {stack}):\n{stderr[-3000:]}")
         return Path(stdout.strip().splitlines()[-1])
 
     def example(self) -> tuple[Path, subprocess.CompletedProcess]:

@@ -84,8 +84,10 @@ def pano_export(pano_run, tmp_path_factory):
 
 
 # Made by other processes while the tests run; the tests that need them go last, in this order.
-BACKGROUND = ("example_process", "old_peft_run", "distributed_runs", "variant_runs", "layout_runs", "consumer_export",
-              "tuner_runs")  # fmt: skip
+BACKGROUND = (
+    "example_process", "old_peft_run", "old_tutorial_run", "distributed_runs", "variant_runs", "layout_runs",
+    "consumer_export", "tuner_runs",
+)  # fmt: skip
 
 
 def _needs(item, fixture: str) -> bool:
@@ -113,6 +115,7 @@ def _background(request, tmp_path_factory, bases):
         "tuner_runs": "tuners",
         "layout_runs": "layouts",
         "old_peft_run": "old_stack",
+        "old_tutorial_run": "old_tutorial",
     }
     return Background({kinds[f]: tmp_path_factory.mktemp(kinds[f]) for f in wanted}, bases)
 
@@ -140,6 +143,12 @@ def layout_runs(_background) -> dict[str, Path]:
 def old_peft_run(_background) -> Path:
     """A run made by PEFT 0.6.2 and transformers 4.36.2 (tests/old_stack.py; make test installs them)."""
     return _background.old_stack()
+
+
+@pytest.fixture(scope="session")
+def old_tutorial_run(_background) -> Path:
+    """The tutorial LM module trained by pytorch_lightning 1.9 with PEFT 0.10 (tests/old_stack.py)."""
+    return _background.old_stack(tutorial=True)
 
 
 @pytest.fixture(scope="session")

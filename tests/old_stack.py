@@ -111,10 +111,78 @@ def build(root: Path) -> Path:
     return run
 
 
+TUTORIAL = "pl-1.9-peft-0.10"
+
+
+def build_tutorial(root: Path) -> Path:
+    """The tutorial causal LM module as an older stack wrote it: ``pytorch_lightning`` 1.9 and PEFT 0.10 (with
+    transformers 4.36), the PEFT model as ``self.model``, the base named by ``model_name``, ``lora_alpha`` saved as a
+    hyper-parameter, only the ``.ckpt`` (no adapter folder). Beside it: the trained LM's logits and PEFT 0.10's own
+    ``merge_and_unload`` of the live model (``merged_lm.pt``)."""
+    import peft
+    import pytorch_lightning as pl
+    from peft import LoraConfig, get_peft_model
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    assert (pl.__version__, peft.__version__) == ("1.9.5", "0.10.0"), (pl.__version__, peft.__version__)
+    torch.manual_seed(0)
+    lm_dir = root / "bases" / "llama"
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(lm_dir)
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(92)])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(lm_dir)  # fmt: skip
+
+    class TutorialLM(pl.LightningModule):
+        def __init__(self, model_name: str, lora_r: int = 8, lora_alpha: int = 32):
+            super().__init__()
+            self.save_hyperparameters()
+            base = AutoModelForCausalLM.from_pretrained(model_name)
+            config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])  # fmt: skip
+            self.model = get_peft_model(base, config)
+
+        def training_step(self, batch, batch_idx):
+            return self.model(input_ids=batch, labels=batch).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=2e-2)
+
+    run = root / "runs" / TUTORIAL
+    pl.seed_everything(0)
+    module = TutorialLM(str(lm_dir))
+    generator = torch.Generator().manual_seed(1)
+    data = [torch.randint(0, 96, (6,), generator=generator) for _ in range(6)]
+    trainer = pl.Trainer(
+        max_steps=3, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=run,
+        callbacks=[ModelCheckpoint(dirpath=run / "checkpoints", save_last=True, save_top_k=0)],
+    )  # fmt: skip
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=2))
+    module.eval()
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        logits = module.model(input_ids=ids).logits
+        merged = copy.deepcopy(module.model).merge_and_unload()
+    torch.save({"input_ids": ids, "lm_logits": logits}, run / "trained_logits.pt")
+    torch.save({k: v.clone() for k, v in merged.state_dict().items()}, run / "merged_lm.pt")
+    return run
+
+
 if __name__ == "__main__":
     import logging
     import warnings
 
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    print(build(Path(sys.argv[1])))
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    if sys.argv[2:] == ["--tutorial"]:
+        print(build_tutorial(Path(sys.argv[1])))
+    else:
+        print(build(Path(sys.argv[1])))

@@ -173,3 +173,24 @@ def test_a_compiled_inner_module_is_unwrapped(layout_runs, exports):
     manifest = json.loads((exports["compiled-inner"] / "manifest.json").read_text())
     assert manifest["config"] == "panorama_vlm"
     assert manifest["keys"]["source_keys"] == len(keys)
+
+
+def test_the_tutorial_module_of_an_older_stack_converts_with_no_options(old_tutorial_run, tmp_path, capsys):
+    """pytorch_lightning 1.9 with PEFT 0.10 (tests/old_stack.py): the causal LM layout discovered, its lora_alpha
+    hyper-parameter used, every tensor PEFT 0.10's own merge of the live model (the tied head left to the tie), the
+    trained logits."""
+    run, out = old_tutorial_run, tmp_path / "out"
+    code, _, stderr = cli(capsys, "convert", run, "--out", out, "--quiet")
+    assert code == 0, stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"] == "causal_lm"
+    assert manifest["source"]["checkpoint"]["lightning_version"] == "1.9.5"
+    assert manifest["adapter"]["config_from"] == "hyper_parameters (lora_r, lora_alpha)"
+    lm, report = load_report(out)
+    assert report == CLEAN
+    merged = torch.load(run / "merged_lm.pt", weights_only=True)
+    del merged["lm_head.weight"]  # tied to the embeddings: save_pretrained writes it once, as the embeddings
+    assert_same_tensors(load_file(out / "model.safetensors"), merged)
+    trained = torch.load(run / "trained_logits.pt", weights_only=True)
+    with torch.no_grad():
+        assert _close(lm(input_ids=trained["input_ids"]).logits, trained["lm_logits"])
