@@ -144,6 +144,20 @@ def test_unclaimed_keys_are_listed_with_a_hint(run_copy, tmp_path, capsys):
         "ckpt2hf: error: 1 checkpoint keys belong to no component of panorama_vlm.yaml: model.text_head.weight; "
         "add a component or a drop rule to "
     )
+    # The advice followed: a copy of the layout with a drop rule for the key, passed with --config.
+    from converter.layout import CONFIG_DIR
+
+    config = tmp_path / "pano_with_text_head.yaml"
+    text = (
+        (CONFIG_DIR / "panorama_vlm.yaml")
+        .read_text()
+        .replace("drop: []", "drop:\n  - pattern: '^text_head[.]'\n    reason: an auxiliary head used only in training")
+    )
+    config.write_text(text)
+    code, _, stderr = cli(capsys, "convert", run_copy, "--out", tmp_path / "out", "--quiet", "--config", config)
+    assert code == 0, stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["keys"]["dropped_by_config"] == {"an auxiliary head used only in training": 1}
 
 
 def test_existing_out_needs_force(pano_run, tmp_path, capsys):

@@ -306,6 +306,10 @@ def test_config_whose_shapes_disagree(run_copy, tmp_path, capsys):
     line = refused(capsys, run_copy, tmp_path, "--base", f"language_model={base}")
     assert f"does not fit {base / 'config.json'}: 6 tensors have other shapes than the config gives (" in line
     assert line.endswith("pass --base language_model=PATH with the config the model was trained with")
+    original = hparams["language_model_name"]  # the advice followed: the base the model was trained from
+    code, _, stderr = cli(capsys, "convert", run_copy, "--out", tmp_path / "advised", "--quiet",
+                          "--base", f"language_model={original}")  # fmt: skip
+    assert code == 0, stderr
 
 
 @pytest.mark.parametrize("engine", ["full", "streaming"])
