@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the run's adapter as a clean PEFT folder (PeftModel.from_pretrained(base, DIR) loads it)",
     )
     conv.add_argument(
+        "--auto-class",
+        metavar="CLASS",
+        help="the language model's transformers Auto class, e.g. AutoModelForSequenceClassification (default: "
+        "from the adapter's task_type, else AutoModelForCausalLM)",
+    )
+    conv.add_argument(
         "--strict",
         action="store_true",
         help="refuse a checkpoint that lacks tensors of the model (by default they are read from the base model, "
@@ -318,6 +324,7 @@ def _options(args: argparse.Namespace, run: Path, out: Path | None) -> Any:
         source_sha256=args.source_sha256,
         adapter_out=args.adapter_out,
         strict=args.strict,
+        auto_class=args.auto_class,
         adapter_config=args.adapter_config,
         lora_r=args.lora_r,
         lora_alpha=args.lora_alpha,

@@ -153,6 +153,11 @@ def render(report: dict[str, Any]) -> str:
                 for p in report["plan"]
             ]
         )
+        lines += [
+            f"  {p['component']}: written as {p['architecture']} ({p['auto_class']}, from {p['auto_class_from']})"
+            for p in report["plan"]
+            if p.get("architecture")
+        ]
     lines += ["", "warnings"]
     lines += [f"  - {w}" for w in report["warnings"]] or ["  none"]
     return "\n".join(lines)

@@ -38,6 +38,7 @@ class ConvertOptions:
     pool_bytes: int = POOL_BYTES  # buffers the reader keeps for reuse
     adapter_out: Path | None = None  # also write the run's adapter as a clean PEFT folder here
     source_sha256: bool = False  # also hash every byte of the checkpoint (default: its zip records identify it)
+    auto_class: str | None = None  # the task model's transformers Auto class (default: the adapter's task_type)
     strict: bool = False  # a tensor the checkpoint lacks is an error, not read from the base
     adapter_config: Path | None = None  # a PEFT adapter_config.json for a run that saved none
     lora_r: int | None = None  # LoRA's rank, for a run that saved no adapter config (default: from the tensors)

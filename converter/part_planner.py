@@ -37,6 +37,7 @@ from .plan import QLORA_BASES, OutTensor, PartPlan
 from .policy import check_fit, configured_tie, output_dtype, part_dtype, plan_tie
 from .sources import Sources, SpanSource, TensorInfo, TensorRef
 from .sources.model_folder import open_model_folder
+from .tasks import LABELLED, head_config, head_size_from_tensors, task_class
 from .vocab import BASE, check_tokenizer, find_tokenizer, has_tokenizer, no_tokenizer
 from .weight_format import load_renames, meta_model, save_layout
 
@@ -66,6 +67,9 @@ class PartPlanner:
     def plan(self) -> PartPlan:
         auto_class = AUTO_CLASS[self.comp.kind]
         if auto_class is not None:
+            self.class_from = "the layout"
+            if self.comp.kind == "hf_causal_lm":  # the run's task model: its class follows the adapter's task
+                auto_class, self.class_from = task_class(auto_class, _task_type(self), self.opts.auto_class)
             return self._plan_hf(auto_class)
         analysis = self.analysis
         peft = analysis.peft
@@ -120,7 +124,7 @@ class PartPlanner:
         dtype = part_dtype(self.opts.dtype, config)
         if dtype is not None:
             config.dtype = dtype
-        model = meta_model(auto_class, config, self.where)
+        model = _task_model(self, auto_class, config)
         rename = load_renames(model)
         if rename is not None:  # an older checkpoint's names, as from_pretrained reads them
             found = component_keys(renamed(analysis.keys, rename), self.where)
@@ -157,6 +161,7 @@ class PartPlanner:
         return PartPlan(
             comp=comp,
             auto_class=auto_class,
+            auto_class_from=self.class_from,
             keys=analysis.keys,
             inputs=self.inputs,
             plain=plain,
@@ -182,7 +187,7 @@ class PartPlanner:
         )
 
     def _tokenizer(self, auto_class: str, shape: ModelShape, plain: dict[str, str], base: BaseRef, base_vocab: Any):
-        if auto_class != "AutoModelForCausalLM":
+        if self.comp.kind != "hf_causal_lm":  # the run's language (task) model ships the tokenizer
             return None
         rows = self.info(plain[shape.embed_key]).shape[0] if shape.embed_key in plain else None
         adapter = self.opened.adapter
@@ -238,6 +243,31 @@ class PartPlanner:
                 )
             self.sources.add(name, weights)
         return name, self.sources[name]
+
+
+def _task_type(planner: PartPlanner) -> Any:
+    """PEFT's task_type in the adapter's config, if there is one and it can be read."""
+    try:
+        config, _ = planner._adapter_config()
+    except ConvertError:  # reported with its context when the part is planned
+        return None
+    return getattr(config, "task_type", None)
+
+
+def _task_model(planner: PartPlanner, auto_class: str, config: Any) -> Any:
+    """The component's model on the meta device, as ``auto_class`` builds it; a labelled head sized as the run's
+    (the hyper-parameters' num_labels and labels, else the checkpoint's head tensors); ``config`` edited to match."""
+    analysis = planner.analysis
+    labels_from = head_config(config, auto_class, planner.opened.checkpoint.hparams, planner.where)
+    model = meta_model(auto_class, config, planner.where)
+    if labels_from is None and auto_class in LABELLED:
+        held = lambda k: planner.info(analysis.plain[k]).shape if k in analysis.plain else None  # noqa: E731
+        found = head_size_from_tensors(config, {k: tuple(v.shape) for k, v in model.state_dict().items()}, held)
+        if found is not None:
+            config.num_labels = found
+            model = meta_model(auto_class, config, planner.where)
+    config.architectures = [type(model).__name__]  # the class written, as save_pretrained records it
+    return model
 
 
 def fill_from_base(planner: PartPlanner, base: BaseRef, config: Any, shape: ModelShape) -> tuple[dict, tuple]:

@@ -94,6 +94,7 @@ class PartPlan:
     max_shard_size: str | int | None = None  # None: always one file
     from_base: tuple[str, ...] = ()  # component keys the run did not save, read from the base model's weights
     tokenizer: Tokenizer | None = None  # shipped with a language model (its files replace the base's)
+    auto_class_from: str = ""  # why ``auto_class``: the layout, the adapter's task_type or --auto-class
     quantized: tuple[str, ...] = ()  # component keys of weights the run held in 4-bit (QLoRA)
     qlora_base: str | None = None  # where their full-precision values come from (see QLORA_BASES)
     saved: SaveLayout | None = None  # the hub's format when save_pretrained writes other tensors (fused experts)
@@ -166,6 +167,9 @@ class PartPlan:
         }
         if self.base is not None:
             out["base"] = self.base.name
+            out["auto_class"] = self.auto_class
+            out["architecture"] = (self.config.architectures or [None])[0] if self.config is not None else None
+            out["auto_class_from"] = self.auto_class_from
             out["tie_word_embeddings"] = self.tied
         if self.tokenizer is not None:
             out["tokenizer"] = self.tokenizer.record()

@@ -100,7 +100,9 @@ def plan_tie(
     merge when LoRA changes either of them.
     """
     configured = configured_tie(hf_config)
-    if not configured or head is None:
+    if head is None:  # a classifier, an encoder: nothing to tie, whatever the config says
+        return Tie(False, False, True, "the model has no output embeddings", head, embed)
+    if not configured:
         return Tie(configured, False, True, "the config does not tie them", head, embed)
     if head not in plain:
         return Tie(configured, True, True, "the checkpoint has no lm_head", head, embed)

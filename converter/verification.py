@@ -20,6 +20,7 @@ from torch import nn
 from .errors import ConvertError, preview
 from .names import WEIGHTS, WEIGHTS_INDEX
 from .policy import tolerance
+from .tasks import TASK_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +85,12 @@ def probe_inputs(auto_class: str, config: Any, seed: int = 1234) -> tuple[dict[s
     """A random input for a part's model and what its output is: token ids for a causal LM, pixel values for a
     vision model whose forward needs nothing else; None for a model that needs more (no end-to-end check)."""
     generator = torch.Generator().manual_seed(seed)
-    if auto_class == "AutoModelForCausalLM":
+    if auto_class in TASK_CLASSES.values() and auto_class != "AutoModel":  # a text model with a task head
         vocab = config.get_text_config().vocab_size
-        return {"input_ids": torch.randint(0, vocab, (2, 16), generator=generator)}, "logit"
+        inputs = {"input_ids": torch.randint(0, vocab, (2, 16), generator=generator)}
+        if auto_class == "AutoModelForSeq2SeqLM":
+            inputs["decoder_input_ids"] = torch.randint(0, vocab, (2, 8), generator=generator)
+        return inputs, "logit"
     size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", 3)
     if isinstance(size, int):
         return {"pixel_values": torch.randn(2, channels, size, size, generator=generator)}, "hidden_state"
@@ -106,7 +110,12 @@ def model_outputs(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Te
     device = next(model.parameters()).device
     dtype = model.dtype
     out = model(**{k: v.to(device, dtype=dtype if v.is_floating_point() else None) for k, v in inputs.items()})
-    result = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+    if getattr(out, "logits", None) is not None:
+        result = out.logits
+    elif getattr(out, "start_logits", None) is not None:  # question answering: the span's two ends
+        result = torch.stack([out.start_logits, out.end_logits])
+    else:
+        result = out.last_hidden_state
     return result.float().cpu()
 
 

@@ -28,7 +28,7 @@ TUTORIAL_ALPHA = 24  # the tutorial runs' lora_alpha (r 8): neither r nor a defa
 @dataclasses.dataclass(frozen=True)
 class LayoutRun:
     name: str
-    module: str  # "tutorial": the causal LM module; "vlm": a PanoramaVLM-like module
+    module: str  # "tutorial": the causal LM module; "vlm": a PanoramaVLM-like module; "classifier": SEQ_CLS
     hparams: str = "none"  # (tutorial) how lora_alpha is saved: "none" (not at all) | "nested" (lora.alpha)
     keep: str = "all"  # what on_save_checkpoint keeps: all | trainable | no-vision
     compile_lm: bool = False  # (vlm) the language model wrapped by torch.compile inside the module
@@ -43,6 +43,7 @@ RUNS = {
         LayoutRun("trainable-only", "vlm", keep="trainable"),
         LayoutRun("vision-dropped", "vlm", keep="no-vision"),
         LayoutRun("compiled-inner", "vlm", compile_lm=True),
+        LayoutRun("roberta-classifier", "classifier"),
     )
 }
 
@@ -110,7 +111,52 @@ def _modules() -> dict[str, Any]:
         def configure_optimizers(self):
             return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=2e-2)
 
-    return {"tutorial": TutorialLM, "vlm": VLMModule}
+    class Classifier(lightning.LightningModule):
+        """The text-classification tutorial: a sequence classifier from a masked-LM base, PEFT's SEQ_CLS task (it
+        keeps the new head in modules_to_save), the labels in the hyper-parameters."""
+
+        def __init__(self, model_name: str, num_labels: int, id2label: dict):
+            super().__init__()
+            self.save_hyperparameters()
+            from transformers import AutoModelForSequenceClassification
+
+            base = AutoModelForSequenceClassification.from_pretrained(
+                model_name, num_labels=num_labels, id2label=id2label, label2id={v: k for k, v in id2label.items()}
+            )
+            config = LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.0,
+                                target_modules=["query", "value"])  # fmt: skip
+            self.model = get_peft_model(base, config)
+
+        @property
+        def language_model(self):
+            return self.model
+
+        def training_step(self, batch, batch_idx):
+            _, input_ids = batch
+            labels = input_ids[:, 0] % self.hparams.num_labels
+            return self.model(input_ids=input_ids, labels=labels).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=2e-2)
+
+    return {"tutorial": TutorialLM, "vlm": VLMModule, "classifier": Classifier}
+
+
+def build_masked_lm_base(root: Path) -> Path:
+    """A tiny RoBERTa base as the hub has ``roberta-base``: the masked-LM model, its tokenizer."""
+    from transformers import PreTrainedTokenizerFast, RobertaConfig, RobertaForMaskedLM
+
+    from converter.example import _tiny_tokenizer
+
+    folder = root / "bases" / "roberta"
+    if not (folder / "config.json").is_file():
+        torch.manual_seed(0)
+        config = RobertaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=64, max_position_embeddings=40, type_vocab_size=1, pad_token_id=0,
+                               bos_token_id=1, eos_token_id=2)  # fmt: skip
+        RobertaForMaskedLM(config).save_pretrained(folder)
+        _tiny_tokenizer(96, PreTrainedTokenizerFast).save_pretrained(folder)
+    return folder
 
 
 def build_layout_run(root: Path, run: LayoutRun) -> Path:
@@ -125,6 +171,8 @@ def build_layout_run(root: Path, run: LayoutRun) -> Path:
     if run.module == "tutorial":
         lora = {"r": 8, "alpha": TUTORIAL_ALPHA} if run.hparams == "nested" else None
         module = modules["tutorial"](str(lm_dir), lora=lora)
+    elif run.module == "classifier":
+        module = modules["classifier"](str(build_masked_lm_base(root)), 3, {0: "negative", 1: "neutral", 2: "positive"})
     else:
         module = modules["vlm"](str(vision_dir), str(lm_dir), keep=run.keep, compile_lm=run.compile_lm)
     size = json.loads((vision_dir / "config.json").read_text())["image_size"]
@@ -137,7 +185,7 @@ def build_layout_run(root: Path, run: LayoutRun) -> Path:
         callbacks=[ModelCheckpoint(dirpath=folder / "checkpoints", save_last=True, save_top_k=0)],
     )  # fmt: skip
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=2))
-    if run.module == "vlm" and run.adapter_folder:
+    if run.module in ("vlm", "classifier") and run.adapter_folder:
         module.language_model.save_pretrained(folder / "lora_weights")
     module.eval()
     probe = torch.Generator().manual_seed(7)

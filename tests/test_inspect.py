@@ -130,6 +130,8 @@ def test_cli_json_and_text(pano_run, capsys):
         ["resampler", "resampler/", "7 tensors"],
         ["projector", "projector/", "4 tensors"],
         ["language_model", "language_model/", "25 tensors"],
+        ["vision_encoder: written as SiglipVisionModel (AutoModel, from the layout)"],
+        ["language_model: written as Qwen3ForCausalLM (AutoModelForCausalLM, from the adapter's task_type CAUSAL_LM)"],
     ]
 
 

@@ -28,11 +28,11 @@ def exports(layout_runs, tmp_path_factory) -> dict:
 
 
 def _lm_folder(name: str, out):
-    return out if RUNS[name].module == "tutorial" else out / "language_model"
+    return out / "language_model" if RUNS[name].module == "vlm" else out
 
 
 def _lm_tensors(name: str, out) -> dict[str, torch.Tensor]:
-    prefix = "./" if RUNS[name].module == "tutorial" else "language_model/"
+    prefix = "language_model/" if RUNS[name].module == "vlm" else "./"
     tensors = export_tensors(out)
     return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
 
@@ -56,7 +56,10 @@ def _close(got: torch.Tensor, expected: torch.Tensor) -> bool:
 def _check_export(name: str, run, out) -> None:
     """A clean reload, every language-model tensor bit for bit PEFT's merge_and_unload of the live model, the
     trained model's logits."""
-    lm, report = load_report(_lm_folder(name, out))
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForSequenceClassification if RUNS[name].module == "classifier" else AutoModelForCausalLM
+    lm, report = load_report(_lm_folder(name, out), cls)
     assert report == CLEAN
     assert_same_tensors(_lm_tensors(name, out), load_file(run / "merged_lm" / "model.safetensors"))
     trained = torch.load(run / "trained_logits.pt", weights_only=True)
@@ -194,3 +197,19 @@ def test_the_tutorial_module_of_an_older_stack_converts_with_no_options(old_tuto
     trained = torch.load(run / "trained_logits.pt", weights_only=True)
     with torch.no_grad():
         assert _close(lm(input_ids=trained["input_ids"]).logits, trained["lm_logits"])
+
+
+def test_a_classifier_is_written_as_the_class_its_task_names(layout_runs, exports):
+    """PEFT's task_type SEQ_CLS on a masked-LM base: the export is a RobertaForSequenceClassification with the run's
+    labels and its trained head (the base has none); inspect and the manifest say which class and why."""
+    out = exports["roberta-classifier"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["RobertaForSequenceClassification"]
+    assert config["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
+    assert config["label2id"] == {"negative": 0, "neutral": 1, "positive": 2}
+    part = json.loads((out / "manifest.json").read_text())["components"]["language_model"]
+    assert (part["auto_class"], part["architecture"], part["auto_class_from"]) == (
+        "AutoModelForSequenceClassification", "RobertaForSequenceClassification", "the adapter's task_type SEQ_CLS"
+    )  # fmt: skip
+    report = inspect_run(layout_runs["roberta-classifier"])
+    assert report["plan"][0]["auto_class_from"] == "the adapter's task_type SEQ_CLS"
