@@ -16,6 +16,7 @@ WRITTEN = "written"
 MERGED = "merged into its base layer"
 SUPERSEDED = "original_module superseded by modules_to_save"
 TIED = "lm_head tied to the input embeddings (identical values)"
+ALIASED = "tied by the model to another tensor written (identical values; from_pretrained ties it again)"
 QUANT_STATE = "4-bit quantization state of a base weight (bitsandbytes)"
 FROM_BASE = "not in the checkpoint (frozen, not saved): read from the base model"
 

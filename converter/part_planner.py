@@ -160,6 +160,7 @@ class PartPlanner:
         candidates = self._candidates(plain, dtype, outputs)
         return PartPlan(
             comp=comp,
+            aliases=tied_aliases(model, plain, self.info, shape.head_key, set(outputs)),
             auto_class=auto_class,
             auto_class_from=self.class_from,
             keys=analysis.keys,
@@ -243,6 +244,19 @@ class PartPlanner:
                 )
             self.sources.add(name, weights)
         return name, self.sources[name]
+
+
+def tied_aliases(model: Any, plain: dict[str, str], info: Any, head: str | None, merged: set[str]) -> tuple[str, ...]:
+    """The keys the model ties to another key it writes (``all_tied_weights_keys``; lm_head is the tie decision's),
+    whose stored bytes are the same: left out of the files, as ``save_pretrained`` leaves them out."""
+    found = []
+    for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        if target == head or target not in plain or source not in plain or {target, source} & merged:
+            continue
+        a, b = info(plain[target]), info(plain[source])
+        if a.shape == b.shape and a.dtype == b.dtype and a.crc32 is not None and a.crc32 == b.crc32:
+            found.append(target)
+    return tuple(sorted(found))
 
 
 def _task_type(planner: PartPlanner) -> Any:

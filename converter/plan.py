@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .accounting import FROM_BASE, TIED, WRITTEN
+from .accounting import ALIASED, FROM_BASE, TIED, WRITTEN
 from .bases import BaseRef
 from .discover import RunInputs
 from .keymap import OuterPrefix
@@ -94,6 +94,7 @@ class PartPlan:
     max_shard_size: str | int | None = None  # None: always one file
     from_base: tuple[str, ...] = ()  # component keys the run did not save, read from the base model's weights
     tokenizer: Tokenizer | None = None  # shipped with a language model (its files replace the base's)
+    aliases: tuple[str, ...] = ()  # keys the model ties to another written tensor (T5's encoder/decoder embed_tokens)
     auto_class_from: str = ""  # why ``auto_class``: the layout, the adapter's task_type or --auto-class
     quantized: tuple[str, ...] = ()  # component keys of weights the run held in 4-bit (QLoRA)
     qlora_base: str | None = None  # where their full-precision values come from (see QLORA_BASES)
@@ -123,10 +124,10 @@ class PartPlan:
 
     @property
     def tensors(self) -> tuple[OutTensor, ...]:
-        """The tensors written: lm_head is left out when tied to the embeddings."""
-        if not self.tied:
-            return self.candidates
-        return tuple(t for t in self.candidates if t.name != self.tie.head)
+        """The tensors written: lm_head is left out when tied to the embeddings, and every other tensor the model ties
+        to a written one (as ``save_pretrained`` leaves them out; ``from_pretrained`` ties them again)."""
+        left_out = {*self.aliases, *([self.tie.head] if self.tied else [])}
+        return tuple(t for t in self.candidates if t.name not in left_out) if left_out else self.candidates
 
     def written(self) -> tuple[OutTensor, ...]:
         """The tensors of the files, as ``save_pretrained`` names and shapes them (the hub's format); each in the
@@ -144,10 +145,11 @@ class PartPlan:
     def accounting(self) -> dict[str, int]:
         """How many source keys each fate takes (a tied lm_head is moved from written to tied)."""
         fates = {fate: list(keys) for fate, keys in self.fates.items()}
-        if self.tied and self.tie.head in self.plain:
-            head = self.plain[self.tie.head]
-            fates[WRITTEN] = [k for k in fates.get(WRITTEN, []) if k != head]
-            fates[TIED] = [head]
+        for fate, keys in ((ALIASED, self.aliases), (TIED, [self.tie.head] if self.tied else [])):
+            moved = [self.plain[k] for k in keys if k in self.plain]
+            if moved:
+                fates[WRITTEN] = [k for k in fates.get(WRITTEN, []) if k not in moved]
+                fates[fate] = moved
         counts = {fate: len(keys) for fate, keys in fates.items() if keys}
         if self.from_base:
             counts[FROM_BASE] = len(self.from_base)

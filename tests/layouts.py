@@ -33,6 +33,8 @@ class LayoutRun:
     keep: str = "all"  # what on_save_checkpoint keeps: all | trainable | no-vision
     compile_lm: bool = False  # (vlm) the language model wrapped by torch.compile inside the module
     adapter_folder: bool = True  # (vlm) PEFT save_pretrained into lora_weights/
+    family: str = ""  # (task) the base: phi3 | gemma2 | t5
+    lora: tuple = ()  # (task) LoraConfig fields, as the hyper-parameters hold them
 
 
 RUNS = {
@@ -44,6 +46,26 @@ RUNS = {
         LayoutRun("vision-dropped", "vlm", keep="no-vision"),
         LayoutRun("compiled-inner", "vlm", compile_lm=True),
         LayoutRun("roberta-classifier", "classifier"),
+        # decoder families and an encoder-decoder, the tutorial module around each (task_type in the adapter config)
+        LayoutRun(
+            "phi3-fused",
+            "task",
+            family="phi3",
+            lora=(("task_type", "CAUSAL_LM"), ("target_modules", ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])),
+        ),
+        LayoutRun(
+            "gemma2-trained-embeddings",
+            "task",
+            family="gemma2",
+            lora=(
+                ("task_type", "CAUSAL_LM"),
+                ("target_modules", ["q_proj", "v_proj"]),
+                ("modules_to_save", ["embed_tokens", "lm_head"]),
+            ),
+        ),
+        LayoutRun(
+            "t5-seq2seq", "task", family="t5", lora=(("task_type", "SEQ_2_SEQ_LM"), ("target_modules", ["q", "v"]))
+        ),
     )
 }
 
@@ -139,7 +161,60 @@ def _modules() -> dict[str, Any]:
         def configure_optimizers(self):
             return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=2e-2)
 
-    return {"tutorial": TutorialLM, "vlm": VLMModule, "classifier": Classifier}
+    class TaskModule(lightning.LightningModule):
+        """The tutorial module for any task: the Auto class, the base's name and the LoRA settings as
+        hyper-parameters, PEFT around the model."""
+
+        def __init__(self, model_name: str, auto_class: str, lora: dict):
+            super().__init__()
+            self.save_hyperparameters()
+            import transformers
+
+            base = getattr(transformers, auto_class).from_pretrained(model_name, dtype=torch.float32)
+            self.model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, **lora))
+
+        @property
+        def language_model(self):
+            return self.model
+
+        def training_step(self, batch, batch_idx):
+            _, ids = batch
+            if self.hparams.auto_class == "AutoModelForSeq2SeqLM":
+                return self.model(input_ids=ids, labels=ids[:, :4].contiguous()).loss
+            return self.model(input_ids=ids, labels=ids).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=2e-2)
+
+    return {"tutorial": TutorialLM, "vlm": VLMModule, "classifier": Classifier, "task": TaskModule}
+
+
+def build_family_base(root: Path, family: str) -> tuple[Path, str]:
+    """A tiny base of ``family`` as save_pretrained writes it, with a tokenizer; (folder, the Auto class)."""
+    import transformers
+    from transformers import PreTrainedTokenizerFast
+
+    from converter.example import _tiny_tokenizer
+
+    common = dict(vocab_size=96, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    configs = {
+        "phi3": ("Phi3Config", "AutoModelForCausalLM", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)),
+        "gemma2": ("Gemma2Config", "AutoModelForCausalLM", dict(hidden_size=32, intermediate_size=64,
+                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                   max_position_embeddings=128, sliding_window=8, final_logit_softcapping=30.0,
+                   attn_logit_softcapping=50.0, tie_word_embeddings=True)),
+        "t5": ("T5Config", "AutoModelForSeq2SeqLM", dict(d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4,
+               decoder_start_token_id=0, tie_word_embeddings=True)),
+    }  # fmt: skip
+    name, auto_class, fields = configs[family]
+    folder = root / "bases" / family
+    if not (folder / "config.json").is_file():
+        torch.manual_seed(0)
+        config = getattr(transformers, name)(**common, **fields)
+        getattr(transformers, auto_class).from_config(config).save_pretrained(folder)
+        _tiny_tokenizer(96, PreTrainedTokenizerFast).save_pretrained(folder)
+    return folder, auto_class
 
 
 def build_masked_lm_base(root: Path) -> Path:
@@ -171,6 +246,9 @@ def build_layout_run(root: Path, run: LayoutRun) -> Path:
     if run.module == "tutorial":
         lora = {"r": 8, "alpha": TUTORIAL_ALPHA} if run.hparams == "nested" else None
         module = modules["tutorial"](str(lm_dir), lora=lora)
+    elif run.module == "task":
+        base_dir, auto_class = build_family_base(root, run.family)
+        module = modules["task"](str(base_dir), auto_class, dict(run.lora))
     elif run.module == "classifier":
         module = modules["classifier"](str(build_masked_lm_base(root)), 3, {0: "negative", 1: "neutral", 2: "positive"})
     else:
@@ -185,13 +263,17 @@ def build_layout_run(root: Path, run: LayoutRun) -> Path:
         callbacks=[ModelCheckpoint(dirpath=folder / "checkpoints", save_last=True, save_top_k=0)],
     )  # fmt: skip
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=2))
-    if run.module in ("vlm", "classifier") and run.adapter_folder:
+    if run.module in ("vlm", "classifier", "task") and run.adapter_folder:
         module.language_model.save_pretrained(folder / "lora_weights")
     module.eval()
     probe = torch.Generator().manual_seed(7)
     pixels, ids = torch.randn(2, 3, size, size, generator=probe), torch.randint(0, 96, (2, 9), generator=probe)
     with torch.no_grad():
-        record = {"pixel_values": pixels, "input_ids": ids, "lm_logits": module.language_model(input_ids=ids).logits}
+        record = {"pixel_values": pixels, "input_ids": ids}
+        if run.family == "t5":  # an encoder-decoder: logits for decoder inputs
+            record["decoder_input_ids"] = ids[:, :5].contiguous()
+        lm_inputs = {k: v for k, v in record.items() if k != "pixel_values"}
+        record["lm_logits"] = module.language_model(**lm_inputs).logits
         if run.module == "vlm":
             record["logits"] = module.model(pixels, ids)
         merged = copy.deepcopy(module.language_model).merge_and_unload()  # PEFT's own merge of the live model

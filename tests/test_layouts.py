@@ -56,15 +56,16 @@ def _close(got: torch.Tensor, expected: torch.Tensor) -> bool:
 def _check_export(name: str, run, out) -> None:
     """A clean reload, every language-model tensor bit for bit PEFT's merge_and_unload of the live model, the
     trained model's logits."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    import transformers
 
-    cls = AutoModelForSequenceClassification if RUNS[name].module == "classifier" else AutoModelForCausalLM
-    lm, report = load_report(_lm_folder(name, out), cls)
+    part = json.loads((out / "manifest.json").read_text())["components"]["language_model"]
+    lm, report = load_report(_lm_folder(name, out), getattr(transformers, part["auto_class"]))  # the task's class
     assert report == CLEAN
     assert_same_tensors(_lm_tensors(name, out), load_file(run / "merged_lm" / "model.safetensors"))
     trained = torch.load(run / "trained_logits.pt", weights_only=True)
+    inputs = {k: v for k, v in trained.items() if k in ("input_ids", "decoder_input_ids")}
     with torch.no_grad():
-        assert _close(lm(input_ids=trained["input_ids"]).logits, trained["lm_logits"])
+        assert _close(lm(**inputs).logits, trained["lm_logits"])
     if "logits" in trained:
         assert _close(_vlm_logits(out, trained["pixel_values"], trained["input_ids"]), trained["logits"])
 
@@ -213,3 +214,32 @@ def test_a_classifier_is_written_as_the_class_its_task_names(layout_runs, export
     )  # fmt: skip
     report = inspect_run(layout_runs["roberta-classifier"])
     assert report["plan"][0]["auto_class_from"] == "the adapter's task_type SEQ_CLS"
+
+
+@pytest.mark.parametrize(
+    ("name", "architecture", "kept"),
+    [
+        ("phi3-fused", "Phi3ForCausalLM", {}),
+        ("gemma2-trained-embeddings", "Gemma2ForCausalLM",
+         {"sliding_window": 8, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0}),
+        ("t5-seq2seq", "T5ForConditionalGeneration", {}),
+    ],
+)  # fmt: skip
+def test_every_family_is_written_as_its_own_class(name, architecture, kept, exports, layout_runs):
+    """No family is a special case: Phi-3's fused projections, Gemma2's scaled embeddings with softcapping (its
+    trained lm_head differs from the trained embed_tokens copy: untied), T5's shared embeddings and LoRA in the
+    encoder and the decoder (SEQ_2_SEQ_LM)."""
+    out = exports[name]
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == [architecture]
+    assert {k: config[k] for k in kept} == kept
+    if name == "t5-seq2seq":  # encoder and decoder embed_tokens are the shared embeddings: written once
+        from converter.accounting import ALIASED
+
+        assert json.loads((out / "manifest.json").read_text())["keys"]["language_model"][ALIASED] == 2
+        assert not {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"} & set(
+            load_file(out / "model.safetensors")
+        )
+    if name == "gemma2-trained-embeddings":
+        assert config["tie_word_embeddings"] is False
+        assert "lm_head.weight" in load_file(out / "model.safetensors")
