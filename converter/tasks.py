@@ -52,6 +52,9 @@ def head_config(config: Any, auto_class: str, hparams: Mapping[str, Any], where:
         return None
     found = lookup(hparams, ("num_labels",), "num_labels", "--auto-class", where)
     labels = lookup(hparams, ("id2label",), "id2label", "--auto-class", where)
+    problem = lookup(hparams, ("problem_type",), "problem_type", "--auto-class", where)
+    if problem is not None and isinstance(problem[1], str):
+        config.problem_type = problem[1]
     if labels is not None and isinstance(labels[1], Mapping):
         config.id2label = {int(k): str(v) for k, v in labels[1].items()}
         config.label2id = {v: k for k, v in config.id2label.items()}

@@ -243,3 +243,35 @@ def test_every_family_is_written_as_its_own_class(name, architecture, kept, expo
     if name == "gemma2-trained-embeddings":
         assert config["tie_word_embeddings"] is False
         assert "lm_head.weight" in load_file(out / "model.safetensors")
+
+
+def test_the_readme_lists_the_task_classes_of_the_table():
+    from converter.tasks import TASK_CLASSES
+
+    from helpers import REPO
+
+    text = (REPO / "README.md").read_text()
+    rows = dict(line.strip("|").replace("`", "").split("|")[:2] for line in text.splitlines()
+                if line.startswith("| `") and "AutoModel" in line and line.count("|") == 3)  # fmt: skip
+    listed = {k.split()[0].strip(): v.strip() for k, v in rows.items()}
+    assert listed == TASK_CLASSES
+
+
+def test_a_head_the_hyper_parameters_do_not_size_is_sized_by_its_tensors():
+    """No num_labels saved: the label count is the first dimension of the checkpoint's head tensors that the
+    config's default count does not fit (and nothing else decides it)."""
+    from transformers import RobertaConfig
+
+    from converter.tasks import head_config, head_size_from_tensors
+
+    config = RobertaConfig()  # num_labels 2
+    assert head_config(config, "AutoModelForSequenceClassification", {"lr": 1e-3}, "run") is None
+    expected = {"classifier.out_proj.weight": (2, 768), "classifier.out_proj.bias": (2,), "x.weight": (2, 2)}
+    held = {"classifier.out_proj.weight": (5, 768), "classifier.out_proj.bias": (5,), "x.weight": (2, 2)}
+    assert head_size_from_tensors(config, expected, held.get) == 5
+    assert head_size_from_tensors(config, expected, {**held, "classifier.out_proj.bias": (7,)}.get) is None
+    hparams = {"data": {"num_labels": 4, "problem_type": "multi_label_classification"}}
+    assert (
+        head_config(config, "AutoModelForSequenceClassification", hparams, "run") == "hyper_parameters.data.num_labels"
+    )
+    assert (config.num_labels, config.problem_type) == (4, "multi_label_classification")
