@@ -46,6 +46,7 @@ RUNS = {
         LayoutRun("vision-dropped", "vlm", keep="no-vision"),
         LayoutRun("compiled-inner", "vlm", compile_lm=True),
         LayoutRun("roberta-classifier", "classifier"),
+        LayoutRun("roberta-token-classifier", "classifier", family="token"),
         # decoder families and an encoder-decoder, the tutorial module around each (task_type in the adapter config)
         LayoutRun(
             "phi3-fused",
@@ -137,15 +138,16 @@ def _modules() -> dict[str, Any]:
         """The text-classification tutorial: a sequence classifier from a masked-LM base, PEFT's SEQ_CLS task (it
         keeps the new head in modules_to_save), the labels in the hyper-parameters."""
 
-        def __init__(self, model_name: str, num_labels: int, id2label: dict):
+        def __init__(self, model_name: str, num_labels: int, id2label: dict, task: str = "SEQ_CLS"):
             super().__init__()
             self.save_hyperparameters()
-            from transformers import AutoModelForSequenceClassification
+            import transformers
 
-            base = AutoModelForSequenceClassification.from_pretrained(
+            cls = {"SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification"}
+            base = getattr(transformers, cls[task]).from_pretrained(
                 model_name, num_labels=num_labels, id2label=id2label, label2id={v: k for k, v in id2label.items()}
             )
-            config = LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.0,
+            config = LoraConfig(task_type=task, r=8, lora_alpha=16, lora_dropout=0.0,
                                 target_modules=["query", "value"])  # fmt: skip
             self.model = get_peft_model(base, config)
 
@@ -155,7 +157,7 @@ def _modules() -> dict[str, Any]:
 
         def training_step(self, batch, batch_idx):
             _, input_ids = batch
-            labels = input_ids[:, 0] % self.hparams.num_labels
+            labels = (input_ids if self.hparams.task == "TOKEN_CLS" else input_ids[:, 0]) % self.hparams.num_labels
             return self.model(input_ids=input_ids, labels=labels).loss
 
         def configure_optimizers(self):
@@ -250,7 +252,9 @@ def build_layout_run(root: Path, run: LayoutRun) -> Path:
         base_dir, auto_class = build_family_base(root, run.family)
         module = modules["task"](str(base_dir), auto_class, dict(run.lora))
     elif run.module == "classifier":
-        module = modules["classifier"](str(build_masked_lm_base(root)), 3, {0: "negative", 1: "neutral", 2: "positive"})
+        labels = {0: "negative", 1: "neutral", 2: "positive"} if run.family != "token" else {0: "O", 1: "B-X", 2: "I-X"}
+        task = "TOKEN_CLS" if run.family == "token" else "SEQ_CLS"
+        module = modules["classifier"](str(build_masked_lm_base(root)), 3, labels, task)
     else:
         module = modules["vlm"](str(vision_dir), str(lm_dir), keep=run.keep, compile_lm=run.compile_lm)
     size = json.loads((vision_dir / "config.json").read_text())["image_size"]

@@ -223,6 +223,7 @@ def test_a_classifier_is_written_as_the_class_its_task_names(layout_runs, export
         ("gemma2-trained-embeddings", "Gemma2ForCausalLM",
          {"sliding_window": 8, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0}),
         ("t5-seq2seq", "T5ForConditionalGeneration", {}),
+        ("roberta-token-classifier", "RobertaForTokenClassification", {"id2label": {"0": "O", "1": "B-X", "2": "I-X"}}),
     ],
 )  # fmt: skip
 def test_every_family_is_written_as_its_own_class(name, architecture, kept, exports, layout_runs):
