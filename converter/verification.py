@@ -47,14 +47,17 @@ def _capture_transformers_warnings():
 
 def load_clean(folder: Path, auto_class: str, device: torch.device, device_map: str | None = None) -> nn.Module:
     """``from_pretrained(output_loading_info=True)`` in float32; any missing, unexpected or mismatched key, or a
-    printed load report, is a ConvertError. ``device_map="meta"`` checks names and shapes without reading data."""
+    printed load report, is a ConvertError. ``device_map="meta"`` checks names and shapes without reading data.
+    Never with the hub's kernels (transformers 5.25 turns them on by default): the check is of the weights, and
+    replacing layers by code fetched from the hub has no place in it."""
     import transformers
 
     cls = getattr(transformers, auto_class)
     with _capture_transformers_warnings() as warned:
         model, info = cls.from_pretrained(
-            folder, dtype=torch.float32, output_loading_info=True, device_map=device_map, local_files_only=True
-        )
+            folder, dtype=torch.float32, output_loading_info=True, device_map=device_map, local_files_only=True,
+            use_kernels=False,
+        )  # fmt: skip
     problems = {
         k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
     }
