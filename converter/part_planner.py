@@ -67,9 +67,6 @@ class PartPlanner:
     def plan(self) -> PartPlan:
         auto_class = AUTO_CLASS[self.comp.kind]
         if auto_class is not None:
-            self.class_from = "the layout"
-            if self.comp.kind == "hf_causal_lm":  # the run's task model: its class follows the adapter's task
-                auto_class, self.class_from = task_class(auto_class, _task_type(self), self.opts.auto_class)
             return self._plan_hf(auto_class)
         analysis = self.analysis
         peft = analysis.peft
@@ -124,6 +121,9 @@ class PartPlanner:
         dtype = part_dtype(self.opts.dtype, config)
         if dtype is not None:
             config.dtype = dtype
+        self.class_from = "the layout"
+        if comp.kind == "hf_causal_lm":  # the run's task model: its class follows the adapter's task, or the base's
+            auto_class, self.class_from = task_class(auto_class, _task_type(self), self.opts.auto_class, config)
         model = _task_model(self, auto_class, config)
         rename = load_renames(model)
         if rename is not None:  # an older checkpoint's names, as from_pretrained reads them

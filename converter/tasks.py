@@ -30,8 +30,10 @@ TASK_CLASSES: dict[str, str] = {
 LABELLED = ("AutoModelForSequenceClassification", "AutoModelForTokenClassification")
 
 
-def task_class(default: str, task_type: Any, override: str | None) -> tuple[str, str]:
-    """(Auto class, why): ``--auto-class``, else the adapter's ``task_type``, else the layout's ``default``."""
+def task_class(default: str, task_type: Any, override: str | None, base_config: Any = None) -> tuple[str, str]:
+    """(Auto class, why): ``--auto-class``, else the adapter's ``task_type``, else the class of the table whose
+    models include the base's own architecture (a T5 base: ``AutoModelForSeq2SeqLM``), else the layout's
+    ``default``."""
     if override:
         import transformers
 
@@ -42,7 +44,24 @@ def task_class(default: str, task_type: Any, override: str | None) -> tuple[str,
     task = getattr(task_type, "value", task_type)
     if isinstance(task, str) and task in TASK_CLASSES:
         return TASK_CLASSES[task], f"the adapter's task_type {task}"
+    found = _class_of_architecture(base_config)
+    if found is not None:
+        return found, f"the base's architecture {base_config.architectures[0]}"
     return default, "the layout (a causal LM)" if default == "AutoModelForCausalLM" else "the layout"
+
+
+def _class_of_architecture(config: Any) -> str | None:
+    """The table's Auto class whose models (transformers' own mapping) include the base config's architecture."""
+    import transformers
+
+    architectures = set(getattr(config, "architectures", None) or ())
+    model_type = getattr(config, "model_type", None)
+    for name in dict.fromkeys(v for v in TASK_CLASSES.values() if v != "AutoModel"):
+        names = getattr(getattr(getattr(transformers, name), "_model_mapping", None), "_model_mapping", {})
+        value = names.get(model_type) if isinstance(names, Mapping) else None
+        if architectures & set(value if isinstance(value, (list, tuple)) else [value]):
+            return name
+    return None
 
 
 def head_config(config: Any, auto_class: str, hparams: Mapping[str, Any], where: str) -> str | None:

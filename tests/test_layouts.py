@@ -276,3 +276,25 @@ def test_a_head_the_hyper_parameters_do_not_size_is_sized_by_its_tensors():
         head_config(config, "AutoModelForSequenceClassification", hparams, "run") == "hyper_parameters.data.num_labels"
     )
     assert (config.num_labels, config.problem_type) == (4, "multi_label_classification")
+
+
+def test_without_a_task_type_the_base_s_architecture_decides():
+    from transformers import LlamaConfig, RobertaConfig, T5Config
+
+    from converter.errors import ConvertError
+    from converter.tasks import task_class
+
+    default = "AutoModelForCausalLM"
+    t5 = T5Config(architectures=["T5ForConditionalGeneration"])
+    assert task_class(default, None, None, t5) == (
+        "AutoModelForSeq2SeqLM", "the base's architecture T5ForConditionalGeneration"
+    )  # fmt: skip
+    assert task_class(default, None, None, LlamaConfig(architectures=["LlamaForCausalLM"]))[0] == default
+    masked = RobertaConfig(architectures=["RobertaForMaskedLM"])  # no class of the table: the layout's
+    assert task_class(default, None, None, masked) == (default, "the layout (a causal LM)")
+    assert task_class(default, "SEQ_CLS", None, masked)[0] == "AutoModelForSequenceClassification"
+    assert task_class(default, "SEQ_CLS", "AutoModelForTokenClassification", masked) == (
+        "AutoModelForTokenClassification", "--auto-class"
+    )  # fmt: skip
+    with pytest.raises(ConvertError, match=r"^--auto-class RobertaModel: not a transformers Auto class; use one of "):
+        task_class(default, None, "RobertaModel", masked)
