@@ -124,6 +124,7 @@ class PartPlanner:
         self.class_from = "the layout"
         if comp.kind == "hf_causal_lm":  # the run's task model: its class follows the adapter's task, or the base's
             auto_class, self.class_from = task_class(auto_class, _task_type(self), self.opts.auto_class, config)
+        self.auto_class = auto_class
         model = _task_model(self, auto_class, config)
         rename = load_renames(model)
         if rename is not None:  # an older checkpoint's names, as from_pretrained reads them
@@ -152,7 +153,7 @@ class PartPlanner:
         tie = plan_tie(config, shape.head_key, shape.embed_key, plain, merged_keys, lambda k: self.info(plain[k]))
         optional = {shape.head_key} if tie.tied and shape.head_key not in plain else set()
         planned = {key: self.info(rel).shape for key, rel in plain.items()}
-        check_fit(shape.plain, planned, optional, self.where, base.path / CONFIG, comp.name)
+        check_fit(shape.plain, planned, optional, self.where, base.path / CONFIG, comp.name, auto_class)
         adapter, outputs = None, {}
         if analysis.peft is not None:
             adapter = self._plan_adapter(shape, peft_config, config_from, quantized)
@@ -259,6 +260,13 @@ def tied_aliases(model: Any, plain: dict[str, str], info: Any, head: str | None,
     return tuple(sorted(found))
 
 
+def other_task(planner: PartPlanner) -> str:
+    """The advice for a task model the checkpoint does not fit: perhaps the run trained another class."""
+    if planner.comp.kind != "hf_causal_lm" or planner.opts.auto_class:
+        return ""
+    return f"; pass --auto-class CLASS if the run trained no {planner.auto_class}"
+
+
 def _task_type(planner: PartPlanner) -> Any:
     """PEFT's task_type in the adapter's config, if there is one and it can be read."""
     try:
@@ -324,7 +332,7 @@ def fill_from_base(planner: PartPlanner, base: BaseRef, config: Any, shape: Mode
         raise ConvertError(
             f"{planner.where}: {len(unresolved)} tensors are neither in the checkpoint nor in the base model at "
             f"{base.path} ({preview(unresolved, 3)}); the checkpoint is incomplete, or the base is not the one the run "
-            "trained from"
+            f"trained from{other_task(planner)}"
         )
     if analysis.keys:
         log.info("%s: %d tensors the run did not save come from %s", planner.comp.name, len(taken), base.path)

@@ -140,9 +140,11 @@ def check_fit(
     where: str,
     config_path: Path,
     comp: str,
+    auto_class: str | None = None,
 ) -> None:
     """The tensors to write must be exactly those of the model the config builds, with the same shapes
-    (``optional``: keys the model may lack in the checkpoint, such as a tied lm_head)."""
+    (``optional``: keys the model may lack in the checkpoint, such as a tied lm_head; ``auto_class``: the class
+    built, named in the advice when the checkpoint holds tensors it has no place for, such as another task's head)."""
     missing, unexpected, wrong = _differences(expected, planned, optional)
     if not (missing or unexpected or wrong):
         return
@@ -153,9 +155,10 @@ def check_fit(
         problems.append(f"{len(missing)} tensors of the model are not in the checkpoint ({preview(missing, 3)})")
     if unexpected:
         problems.append(f"{len(unexpected)} checkpoint tensors have no place in the model ({preview(unexpected, 3)})")
+    other_task = f", or --auto-class CLASS if the run trained no {auto_class}" if unexpected and auto_class else ""
     raise ConvertError(
         f"{where} does not fit {config_path}: {'; '.join(problems)}; pass --base {comp}=PATH with the config the "
-        "model was trained with"
+        f"model was trained with{other_task}"
     )
 
 

@@ -298,3 +298,24 @@ def test_without_a_task_type_the_base_s_architecture_decides():
     )  # fmt: skip
     with pytest.raises(ConvertError, match=r"^--auto-class RobertaModel: not a transformers Auto class; use one of "):
         task_class(default, None, "RobertaModel", masked)
+
+
+def test_a_classifier_whose_task_nothing_saved_follows_the_advice_to_auto_class(layout_runs, tmp_path, capsys):
+    """No adapter folder (so no task_type) and a masked-LM base: nothing names the task; the refusal names
+    --auto-class, and following it converts to the trained classifier."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(layout_runs["roberta-classifier"], run)
+    shutil.rmtree(run / "lora_weights")
+    line = refused(capsys, run, tmp_path, "--lora-alpha", "16")
+    assert "(language_model): 1 tensors are neither in the checkpoint nor in the base model at " in line
+    assert line.endswith(
+        "the checkpoint is incomplete, or the base is not the one the run trained from; pass --auto-class CLASS if "
+        "the run trained no AutoModelForCausalLM"
+    )
+    out = tmp_path / "advised"
+    argv = ["--lora-alpha", "16", "--auto-class", "AutoModelForSequenceClassification"]
+    code, _, stderr = cli(capsys, "convert", run, "--out", out, "--quiet", *argv)
+    assert code == 0, stderr
+    _check_export("roberta-classifier", run, out)
