@@ -15,7 +15,7 @@ from converter.inspection import inspect_run
 
 from helpers import assert_engines_agree, assert_same_tensors, cli, export_tensors, load_report, refused
 from layouts import RUNS, TUTORIAL_ALPHA
-from variants import VLM
+from variants import export_logits
 
 CLEAN = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
 CONVERTS = [n for n in RUNS if n != "tutorial-no-alpha"]
@@ -37,18 +37,6 @@ def _lm_tensors(name: str, out) -> dict[str, torch.Tensor]:
     return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-@torch.no_grad()
-def _vlm_logits(out, pixel_values, input_ids):
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    vision = AutoModel.from_pretrained(out / "vision_encoder").eval()
-    lm = AutoModelForCausalLM.from_pretrained(out / "language_model", dtype=torch.float32).eval()
-    vlm = VLM(vision, lm)
-    vlm.resampler.load_state_dict(load_file(out / "resampler" / "model.safetensors"))
-    vlm.projector.load_state_dict(load_file(out / "projector" / "model.safetensors"))
-    return vlm.eval()(pixel_values, input_ids)
-
-
 def _close(got: torch.Tensor, expected: torch.Tensor) -> bool:
     return float((got - expected).abs().max()) <= 1e-5 * max(1.0, float(expected.abs().max()))
 
@@ -67,7 +55,7 @@ def _check_export(name: str, run, out) -> None:
     with torch.no_grad():
         assert _close(lm(**inputs).logits, trained["lm_logits"])
     if "logits" in trained:
-        assert _close(_vlm_logits(out, trained["pixel_values"], trained["input_ids"]), trained["logits"])
+        assert _close(export_logits(out, trained["pixel_values"], trained["input_ids"]), trained["logits"])
 
 
 @pytest.mark.parametrize("name", CONVERTS)

@@ -22,7 +22,7 @@ from helpers import (
     refused,
     run_convert,
 )
-from variants import ADDED, VARIANTS, VLM
+from variants import ADDED, VARIANTS, VLM, export_logits
 
 CLEAN = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
 
@@ -32,19 +32,6 @@ def exports(variant_runs, tmp_path_factory) -> dict:
     """Each run converted as a user would: the command line, no options, verification on."""
     root = tmp_path_factory.mktemp("variant-exports")
     return {name: root / name for name in variant_runs}
-
-
-@torch.no_grad()
-def _export_logits(out, pixel_values, input_ids):
-    """The VLM rebuilt from the export's folders, no PEFT involved."""
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    vision = AutoModel.from_pretrained(out / "vision_encoder").eval()
-    lm = AutoModelForCausalLM.from_pretrained(out / "language_model", dtype=torch.float32).eval()
-    vlm = VLM(vision, lm)
-    vlm.resampler.load_state_dict(load_file(out / "resampler" / "model.safetensors"))
-    vlm.projector.load_state_dict(load_file(out / "projector" / "model.safetensors"))
-    return vlm.eval()(pixel_values, input_ids)
 
 
 ADAPTER_OUT = ("added-tokens", "whole-vlm")  # converted with --adapter-out too
@@ -64,7 +51,7 @@ def test_converts_by_default_and_matches_the_trained_model(name, variant_runs, e
     assert code == 0, stderr
     assert load_report(out / "language_model")[1] == CLEAN
     trained = torch.load(run / "trained_logits.pt", weights_only=True)
-    got = _export_logits(out, trained["pixel_values"], trained["input_ids"])
+    got = export_logits(out, trained["pixel_values"], trained["input_ids"])
     scale = max(1.0, float(trained["logits"].abs().max()))
     # A half-precision run computed in half precision; the export holds its weights, merged in float32.
     tolerance = {"bf16-true": 5e-2, "fp16-true": 1e-2}.get(name, 1e-5)

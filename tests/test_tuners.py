@@ -18,7 +18,7 @@ from converter.peft import registry
 
 from helpers import assert_engines_agree, assert_same_tensors, cli, export_tensors, load_report, refused, run_convert
 from tuners import MERGED, TUNERS, bases, tested
-from variants import VLM
+from variants import export_logits
 
 CLEAN = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
 
@@ -42,18 +42,6 @@ def _lm_tensors(out) -> dict[str, torch.Tensor]:
     return {k.removeprefix("language_model/"): v for k, v in export_tensors(out).items() if k.startswith("language_")}
 
 
-@torch.no_grad()
-def _export_logits(out, pixel_values, input_ids):
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    vision = AutoModel.from_pretrained(out / "vision_encoder").eval()
-    lm = AutoModelForCausalLM.from_pretrained(out / "language_model", dtype=torch.float32).eval()
-    vlm = VLM(vision, lm)
-    vlm.resampler.load_state_dict(load_file(out / "resampler" / "model.safetensors"))
-    vlm.projector.load_state_dict(load_file(out / "projector" / "model.safetensors"))
-    return vlm.eval()(pixel_values, input_ids)
-
-
 @pytest.mark.parametrize("name", MERGED)
 def test_converts_by_default_to_peft_own_merge(name, tuner_runs, exports, capsys, tmp_path):
     """Plain convert (verification on): a clean reload, every tensor bit for bit PEFT's merge_and_unload of the live
@@ -68,7 +56,7 @@ def test_converts_by_default_to_peft_own_merge(name, tuner_runs, exports, capsys
     assert manifest["adapter"]["config_from"] == "adapter_config.json"
     assert_same_tensors(_lm_tensors(out), load_file(run / "merged_lm" / "model.safetensors"))
     trained = torch.load(run / "trained_logits.pt", weights_only=True)
-    got = _export_logits(out, trained["pixel_values"], trained["input_ids"])
+    got = export_logits(out, trained["pixel_values"], trained["input_ids"])
     assert float((got - trained["logits"]).abs().max()) <= 1e-5 * max(1.0, float(trained["logits"].abs().max()))
     if TUNERS[name].streaming:
         assert_engines_agree(run, tmp_path, full=out)

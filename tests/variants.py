@@ -127,6 +127,20 @@ class VLM(nn.Module):
         return self.language_model(inputs_embeds=embeds).logits
 
 
+@torch.no_grad()
+def export_logits(out: Path, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """The VLM rebuilt from an export's folders, no PEFT involved: its logits on the inputs."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    vision = AutoModel.from_pretrained(out / "vision_encoder").eval()
+    lm = AutoModelForCausalLM.from_pretrained(out / "language_model", dtype=torch.float32).eval()
+    vlm = VLM(vision, lm)
+    vlm.resampler.load_state_dict(load_file(out / "resampler" / "model.safetensors"))
+    vlm.projector.load_state_dict(load_file(out / "projector" / "model.safetensors"))
+    return vlm.eval()(pixel_values, input_ids)
+
+
 @dataclasses.dataclass
 class PanoSettings:
     """A project's settings as a dataclass, saved whole by ``save_hyperparameters``. Unpickling it for real would
