@@ -18,7 +18,7 @@ OUT ?=
 ARGS ?=
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv convert inspect test test-consumers lint format clean bench fuzz
+.PHONY: venv convert inspect test test-installed test-consumers lint format clean bench fuzz
 
 venv: $(VENV)/.installed
 
@@ -46,8 +46,13 @@ inspect: venv
 	$(PY) -m converter inspect "$$run" $(ARGS)
 
 # The tests are offline by themselves (tests/conftest.py); the Makefile leaves the hub to the user.
-test: venv lint $(LLAMA)/.prepared $(OLD_STACK)/.installed $(OLD_PL)/.installed
+test: venv lint test-installed $(LLAMA)/.prepared $(OLD_STACK)/.installed $(OLD_PL)/.installed
 	$(PY) -m pytest -q -m "not consumers" $(PYTEST_ARGS)
+
+# The sdist and the wheel built from it, installed into a fresh environment outside the checkout, convert and
+# verify the example run there (about 20 s: the dependencies are the venv's, nothing is downloaded).
+test-installed: venv
+	$(PY) tests/installed.py
 
 # llama.cpp's converter and vocabulary from llama-cpp-python's sdist, and the Qwen2 tokenizer (tests/consumers.py).
 $(LLAMA)/.prepared: tests/consumers.py | venv

@@ -16,7 +16,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from . import api
 from .errors import ConvertError
+from .version import __version__
 
 log = logging.getLogger("converter")
 
@@ -32,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ckpt2hf", description="Turn a Lightning + PEFT training run into a clean Hugging Face export."
     )
+    parser.add_argument("--version", action="version", version=f"ckpt2hf {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     conv = sub.add_parser("convert", help="convert a run (or one checkpoint) into Hugging Face folders")
@@ -269,23 +272,26 @@ def _main(args: argparse.Namespace) -> int:
     _setup_logging(args.quiet, args.debug)
     try:
         if args.command == "verify":
-            from .verify import verify_export
-
-            problems, checked = verify_export(args.out)
+            checked = api.verify(args.out)
             if args.json:
-                print(json.dumps({"out": str(args.out), "files": checked, "problems": problems}, indent=2))
+                print(json.dumps(checked.as_json(), indent=2))
             else:
-                print("\n".join(problems) if problems else f"{args.out}: {checked} files match manifest.json")
-            if problems:
-                print(f"ckpt2hf: error: {args.out}: {len(problems)} differences from manifest.json", file=sys.stderr)
+                print(
+                    "\n".join(checked.problems)
+                    if checked.problems
+                    else f"{args.out}: {checked.files} files match manifest.json"
+                )
+            if checked.problems:
+                print(
+                    f"ckpt2hf: error: {args.out}: {len(checked.problems)} differences from manifest.json",
+                    file=sys.stderr,
+                )
                 return 1
         elif args.command == "inspect":
-            from .inspection import inspect_run, render
-
             logging.getLogger("converter").setLevel(logging.DEBUG if args.debug else logging.ERROR)
             given = {"adapter_config": args.adapter_config, "lora_r": args.lora_r, "lora_alpha": args.lora_alpha}
-            report = inspect_run(args.run, config=args.config, bases=dict(args.base), **given)
-            print(json.dumps(report, indent=2) if args.json else render(report))
+            found = api.inspect(args.run, config=args.config, bases=dict(args.base), **given)
+            print(json.dumps(found.as_json(), indent=2) if args.json else found.render())
         elif args.command == "convert":
             return _convert(args)
     except ConvertError as exc:
@@ -300,7 +306,7 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def _options(args: argparse.Namespace, run: Path, out: Path | None) -> Any:
-    from .convert import ConvertOptions
+    from .pipeline import ConvertOptions
 
     return ConvertOptions(
         run=run,
@@ -347,7 +353,7 @@ def _convert(args: argparse.Namespace) -> int:
         if args.out is not None and not args.dry_run:  # at once, before the heavy imports
             refuse_existing(args.out, args.force)
             held.enter_context(out_lock(args.out))
-        from .convert import convert
+        from .pipeline import convert
 
         opts = _options(args, args.run[0], args.out)
         result = convert(opts)
@@ -364,7 +370,7 @@ def _convert_batch(args: argparse.Namespace) -> int:
     from .batch import batch_outputs, convert_batch, render_batch
 
     batch_outputs(args.run, args.out_root)  # names clash: an error before the heavy imports
-    from .convert import convert
+    from .pipeline import convert
 
     results = convert_batch(
         args.run, args.out_root, lambda run, out: convert(_options(args, run, out)), debug=args.debug

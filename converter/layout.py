@@ -1,16 +1,23 @@
-"""Layout configs: which components a checkpoint holds and how their keys are named (``configs/*.yaml``)."""
+"""Layout configs: which components a checkpoint holds and how their keys are named.
+
+The built-in layouts are package data, ``converter/configs/*.yaml`` (the checkout's top-level ``configs/`` is a link
+to that folder: one copy), read through ``importlib.resources`` so that an installed wheel finds them as a checkout
+does.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 import yaml
 
 from .errors import ConvertError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR: Traversable = files(__package__) / "configs"
 KINDS = ("hf_causal_lm", "hf_model", "state_dict")
 # Segments that only a wrapper inserts (torch.compile, Fabric, FSDP, activation checkpointing): removed at any depth
 # of a key, inside a component or inside the PEFT model, whatever the layout config says. DDP's ``module.`` may be a
@@ -40,7 +47,7 @@ class LayoutConfig:
     """A parsed layout config. ``attribute`` is None when the LightningModule attribute is auto-detected."""
 
     name: str
-    path: Path
+    path: Path | Traversable  # a user's YAML file, or a built-in layout inside the package
     components: tuple[Component, ...]
     wrappers: tuple[str, ...]  # segments that may lead every key (DDP's module., Fabric's _forward_module., ...)
     attribute: str | None
@@ -54,16 +61,20 @@ class LayoutConfig:
         raise KeyError(name)
 
 
-def resolve_config_path(name_or_path: str) -> Path:
-    """A config given as a path, or as the name of a file in the project's ``configs/`` folder."""
+def builtin_names() -> list[str]:
+    """The names of the built-in layouts, sorted."""
+    return sorted(p.name.removesuffix(".yaml") for p in CONFIG_DIR.iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path | Traversable:
+    """A config given as a path, or as the name of a built-in layout."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") and path.exists():
         return path
     candidate = CONFIG_DIR / f"{name_or_path}.yaml"
-    if candidate.exists():
+    if candidate.is_file():
         return candidate
-    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-    raise ConvertError(f"{name_or_path}: no such config; pass a YAML file or one of: {known}")
+    raise ConvertError(f"{name_or_path}: no such config; pass a YAML file or one of: {', '.join(builtin_names())}")
 
 
 DEFAULT = "panorama_vlm"
@@ -71,9 +82,8 @@ AUTO = "auto"
 
 
 def builtin_layouts() -> list[LayoutConfig]:
-    """The layouts in the project's ``configs/``, the default first."""
-    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-    return [load_layout(n) for n in sorted(names, key=lambda n: n != DEFAULT)]
+    """The built-in layouts, the default first."""
+    return [load_layout(n) for n in sorted(builtin_names(), key=lambda n: n != DEFAULT)]
 
 
 def load_layout(name_or_path: str = "panorama_vlm") -> LayoutConfig:
@@ -85,7 +95,7 @@ def load_layout(name_or_path: str = "panorama_vlm") -> LayoutConfig:
         raise ConvertError(f"{path}: not valid YAML ({exc}); fix the file") from exc
 
     def bad(what: str) -> ConvertError:
-        return ConvertError(f"{path}: {what}; see configs/panorama_vlm.yaml for the format")
+        return ConvertError(f"{path}: {what}; see {CONFIG_DIR / DEFAULT}.yaml for the format")
 
     if not isinstance(raw, dict):
         raise bad("expected a mapping with components")
@@ -118,7 +128,7 @@ def load_layout(name_or_path: str = "panorama_vlm") -> LayoutConfig:
 
     attribute = raw.get("attribute", "auto")
     return LayoutConfig(
-        name=path.stem,
+        name=path.name.rsplit(".", 1)[0],
         path=path,
         components=tuple(components),
         wrappers=tuple(raw.get("wrappers") or ()),

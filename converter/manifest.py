@@ -17,7 +17,7 @@ from .plan import PartPlan, Plan
 
 log = logging.getLogger(__name__)
 
-VERSIONED = ("ckpt2hf", "torch", "transformers", "peft", "safetensors", "huggingface_hub", "accelerate")
+VERSIONED = ("torch", "transformers", "peft", "safetensors", "huggingface_hub", "accelerate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +32,10 @@ class PartResult:
 
 
 def versions() -> dict[str, str]:
-    found = {}
+    """ckpt2hf's own version and those of the libraries that shaped the export."""
+    from .version import __version__
+
+    found = {"ckpt2hf": __version__}
     for name in VERSIONED:
         try:
             found[name] = importlib.metadata.version(name)

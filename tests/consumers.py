@@ -95,8 +95,8 @@ def build(root: Path, vision_base: Path) -> tuple[Path, Path]:
     """The consumer tests' input, made in the background while other tests run (tests/background.py): a LoRA run
     of the Qwen-vocabulary model (one Trainer step), converted by ckpt2hf (without its own verification: the test
     compares the export's tensors with the GGUF's), then by llama.cpp's converter. Returns (export, GGUF)."""
-    from converter.convert import ConvertOptions, convert
     from converter.example import RunSpec, build_run
+    from converter.pipeline import ConvertOptions, convert
 
     from trainers import causal_lm_module
 

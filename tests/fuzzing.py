@@ -137,7 +137,7 @@ def read_adapter(run: Path) -> None:
 
 def plan(run: Path) -> None:
     """Everything convert does before it writes: open, plan (adapter config, tokenizer, bases), settle."""
-    from converter.convert import ConvertOptions, plan_run
+    from converter.pipeline import ConvertOptions, plan_run
     from converter.settle import settle
 
     found, _ = plan_run(ConvertOptions(run=run, verify=False, progress=False))
@@ -146,7 +146,7 @@ def plan(run: Path) -> None:
 
 
 def verify(out: Path) -> None:
-    from converter.verify import verify_export
+    from converter.integrity import verify_export
 
     verify_export(out)
 
@@ -370,8 +370,8 @@ def _fixtures(root: Path) -> dict[str, Path]:  # pragma: no cover - make fuzz bu
     """Real runs for make fuzz: the seed run (Lightning Trainer), ZeRO-3 and FSDP runs (two gloo ranks), an export."""
     import torch.multiprocessing as mp
 
-    from converter.convert import ConvertOptions, convert
     from converter.example import build_bases, build_run
+    from converter.pipeline import ConvertOptions, convert
 
     import distributed
 

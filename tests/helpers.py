@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForCausalLM
 
 from converter.cli import main
-from converter.convert import ConvertOptions, convert
 from converter.example import Resampler, make_projector, panorama_logits
+from converter.pipeline import ConvertOptions, convert
 
 from trainers import load_trained_module
 

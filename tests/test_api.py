@@ -1,0 +1,96 @@
+"""The Python API as a release script uses it: only the names ``converter`` exports, no command line."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+from pathlib import Path
+
+import pytest
+import tomllib
+
+import converter
+
+from helpers import REPO, cli
+
+
+def test_a_release_script_plans_converts_verifies_and_inspects_with_the_api_alone(pano_run, tmp_path):
+    out = tmp_path / "release"
+    plan = converter.plan_conversion(pano_run, out, dtype="bfloat16")
+    assert isinstance(plan, converter.ConversionPlan) and plan.out == out and not out.exists()
+    assert [p["component"] for p in plan.parts] == ["vision_encoder", "resampler", "projector", "language_model"]
+
+    result = converter.convert(pano_run, out, dtype="bfloat16")
+    assert isinstance(result, converter.Conversion) and result.out == out
+    assert result.components == {name: out / name for name in ("vision_encoder", "resampler", "projector")} | {
+        "language_model": out / "language_model"
+    }
+    assert all(folder.is_dir() for folder in result.components.values())
+    lm = result.verification["language_model"]
+    assert lm["max_abs_logit_diff"] <= lm["tolerance"]  # against the unmerged PEFT model's logits
+    assert set(result.manifest["components"]["language_model"]["dtypes"]) == {"bfloat16"}
+
+    checked = converter.verify(out)
+    assert isinstance(checked, converter.Verification) and checked.ok and checked.problems == ()
+    assert checked.files == len(result.files)
+
+    report = converter.inspect(pano_run)
+    assert isinstance(report, converter.Inspection) and report.layout == "panorama_vlm"
+    assert report.render().splitlines()[0].startswith("checkpoint")
+
+    (out / "projector" / "model.safetensors").write_bytes(b"changed")
+    assert converter.verify(out).problems[0].startswith("changed: projector/model.safetensors")
+
+
+def test_api_errors_are_the_command_lines_one_line(tmp_path):
+    missing = tmp_path / "no-such-run"
+    with pytest.raises(converter.ConvertError) as raised:
+        converter.convert(missing)
+    assert str(raised.value).startswith(f"{missing}: ")
+    with pytest.raises(TypeError, match=r"unknown conversion option\(s\): dtypes; known: "):
+        converter.convert(missing, dtypes="bfloat16")
+    with pytest.raises(TypeError, match=r"use plan_conversion\(\)"):
+        converter.convert(missing, dry_run=True)
+
+
+def test_the_json_output_is_the_api_results_data(pano_run, tmp_path, capsys):
+    out = tmp_path / "export"
+    code, stdout, _ = cli(capsys, "convert", pano_run, "--out", out, "--no-verify", "--quiet", "--json")
+    assert code == 0
+    manifest = json.loads(stdout)
+    assert manifest == {**json.loads((out / "manifest.json").read_text()), "out": str(out)}
+    assert json.loads(cli(capsys, "verify", out, "--json")[1]) == converter.verify(out).as_json()
+    assert json.loads(cli(capsys, "inspect", pano_run, "--json")[1]) == json.loads(
+        json.dumps(converter.inspect(pano_run).as_json())
+    )
+
+
+def test_the_version_is_written_once(capsys):
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert "version" not in pyproject["project"] and pyproject["project"]["dynamic"] == ["version"]
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "converter.version.__version__"}
+    assert re.fullmatch(r"\d+\.\d+\.\d+", converter.__version__)
+    with pytest.raises(SystemExit) as raised:
+        cli(capsys, "--version")
+    assert raised.value.code == 0 and capsys.readouterr().out == f"ckpt2hf {converter.__version__}\n"
+
+
+def test_the_exports_are_the_api():
+    exported = set(converter.__all__)
+    public = {n for n in dir(converter) if not n.startswith("_") and not inspect.ismodule(getattr(converter, n))}
+    assert public == exported - {"__version__"}
+    assert {"convert", "inspect", "verify", "plan_conversion", "ConvertError", "__version__"} <= exported
+    for name in exported - {"__version__"}:
+        assert getattr(converter, name).__doc__, name
+
+
+def test_the_layouts_are_package_data_with_one_copy():
+    """configs/ at the top of the checkout is a link to the package's own folder, which the wheel carries."""
+    assert (REPO / "configs").is_symlink() and (REPO / "configs").resolve() == REPO / "converter" / "configs"
+    from converter.layout import CONFIG_DIR, builtin_names
+
+    assert Path(str(CONFIG_DIR)) == REPO / "converter" / "configs"
+    assert builtin_names() == sorted(p.stem for p in (REPO / "converter" / "configs").glob("*.yaml"))
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert pyproject["tool"]["setuptools"]["package-data"] == {"converter": ["configs/*.yaml"]}
