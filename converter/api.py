@@ -10,18 +10,24 @@ transformers and PEFT are imported by the first call.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from .ledger import RunResult
 
 __all__ = [
     "Conversion",
     "ConversionPlan",
     "Inspection",
+    "Migration",
+    "RunResult",
     "Verification",
     "convert",
     "inspect",
+    "migrate",
     "plan_conversion",
+    "status",
     "verify",
 ]
 
@@ -118,6 +124,34 @@ class Verification:
         return {"out": str(self.out), "files": self.files, "problems": list(self.problems)}
 
 
+@dataclasses.dataclass(frozen=True)
+class Migration:
+    """The runs of a migration and each one's result (``convert --out-root ... --json``, ``status --json``)."""
+
+    runs: tuple[RunResult, ...]
+
+    @property
+    def ok(self) -> bool:
+        """Every run converted or up to date."""
+        return all(r.ok for r in self.runs)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """How many runs have each status."""
+        from .ledger import counts
+
+        return counts(self.runs)
+
+    def render(self) -> str:
+        """The table the command prints."""
+        from .ledger import render
+
+        return render(self.runs)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"runs": [r.record() for r in self.runs], "counts": self.counts, "done": self.ok}
+
+
 def _options(run: PathLike, out: PathLike | None, options: Mapping[str, Any]) -> Any:
     from .options import ConvertOptions
 
@@ -190,3 +224,36 @@ def verify(out: PathLike) -> Verification:
 
     problems, checked = verify_export(Path(out))
     return Verification(Path(out), checked, tuple(problems))
+
+
+def migrate(
+    runs: Iterable[PathLike],
+    out_root: PathLike,
+    *,
+    jobs: int = 1,
+    shard: tuple[int, int] | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
+    force: bool = False,
+    **options: Any,
+) -> Migration:
+    """Convert each run into ``OUT_ROOT/<run name>/``: a run whose export is up to date is skipped (``force``:
+    converted again), a run that fails is a ``failed`` result with its reason and the others go on. ``jobs``:
+    processes at once; ``shard``: (I, N), this caller's part of the runs; ``executor``: ``"local"`` or ``"ray"``
+    (at ``ray_address``). ``options``: as for ``convert``. Raises ``ConvertError`` before anything is converted when
+    a run is not found or two runs share a name."""
+    from .migration import check_spread, migration_tasks
+    from .migration import migrate as run_migration
+
+    check_spread(jobs, executor)
+    template = _options(".", None, options)
+    tasks = migration_tasks([Path(r) for r in runs], Path(out_root), template, force=force, shard=shard)
+    return Migration(tuple(run_migration(tasks, jobs, executor, ray_address)))
+
+
+def status(out_root: PathLike) -> Migration:
+    """The whole migration under ``out_root`` as its processes (jobs, shards, Ray tasks) recorded it: each run
+    converted, up to date, failed, converting, interrupted or pending. ``ConvertError`` if there is none."""
+    from .ledger import read
+
+    return Migration(tuple(read(Path(out_root))))

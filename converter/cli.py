@@ -41,15 +41,32 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument(
         "run",
         type=Path,
-        nargs="+",
+        nargs="*",
         help="run folder (checkpoints/, lora_weights/) or a checkpoint file; several with --out-root",
     )
     conv.add_argument("--out", type=Path, help="export folder (default: RUN/export)")
     conv.add_argument(
         "--out-root",
         type=Path,
-        help="convert each RUN into OUT_ROOT/<run name>/, going on past a run that fails; ends with a table",
+        help="a migration: each RUN into OUT_ROOT/<run name>/, going on past a run that fails, skipping a run whose "
+        "export is up to date (--force: convert all again); ends with a table",
     )
+    mig = conv.add_argument_group("migrations (with --out-root)")
+    mig.add_argument("--runs-from", type=Path, metavar="FILE", help="more runs, one per line (# comments)")
+    mig.add_argument("--jobs", type=int, default=1, metavar="N", help="conversions at once, in processes (default 1)")
+    mig.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="convert shard I (0 to N-1) of N of the runs, for an array job (default: from SLURM_ARRAY_TASK_ID and "
+        "SLURM_ARRAY_TASK_COUNT when set)",
+    )
+    mig.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        default="local",
+        help="local: this host (--jobs); ray: each run a Ray task (pip install 'ckpt2hf[ray]')",
+    )
+    mig.add_argument("--ray-address", metavar="ADDR", help="the Ray cluster (default: RAY_ADDRESS, else a local Ray)")
     conv.add_argument("--ckpt", type=Path, help="checkpoint to convert (default: last.ckpt, else newest by step)")
     conv.add_argument(
         "--config",
@@ -144,7 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     ver = sub.add_parser("verify", help="check an export against its manifest (sha256, shards, metadata)")
     ver.add_argument("out", type=Path, help="export folder (holding manifest.json)")
 
-    for p in (conv, insp, ver):
+    stat = sub.add_parser(
+        "status",
+        help="the table of a migration: each run converted, up to date, failed (why), converting or pending",
+    )
+    stat.add_argument("out_root", type=Path, metavar="OUT_ROOT", help="the migration's --out-root")
+
+    for p in (conv, insp, ver, stat):
         p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
         p.add_argument("--quiet", action="store_true", help="no progress bars, warnings and errors only")
         p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -294,6 +317,10 @@ def _main(args: argparse.Namespace) -> int:
             print(json.dumps(found.as_json(), indent=2) if args.json else found.render())
         elif args.command == "convert":
             return _convert(args)
+        elif args.command == "status":
+            found = api.status(args.out_root)
+            print(json.dumps(found.as_json(), indent=2) if args.json else found.render())
+            return 0 if found.ok else 1
     except ConvertError as exc:
         if args.debug:
             raise
@@ -340,7 +367,22 @@ def _options(args: argparse.Namespace, run: Path, out: Path | None) -> Any:
 def _convert(args: argparse.Namespace) -> int:
     from .writer import out_lock, refuse_existing
 
-    batch = args.out_root is not None or len(args.run) > 1
+    batch = args.out_root is not None or len(args.run) > 1 or args.runs_from is not None
+    if not batch:
+        one_run_only = [
+            f
+            for f, given in (
+                ("--jobs", args.jobs != 1),
+                ("--shard", args.shard),
+                ("--executor", args.executor != "local"),
+                ("--ray-address", args.ray_address),
+            )
+            if given
+        ]
+        if not args.run:
+            raise ConvertError("no run given: name a run folder or checkpoint (several: --out-root DIR)")
+        if one_run_only:
+            raise ConvertError(f"{one_run_only[0]} spreads a migration: give the runs with --out-root DIR")
     if batch and args.out is not None:
         raise ConvertError("--out names one export; with several runs use --out-root DIR (each run into DIR/<name>)")
     if batch and args.adapter_out is not None:
@@ -367,21 +409,27 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _convert_batch(args: argparse.Namespace) -> int:
-    from .batch import batch_outputs, convert_batch, render_batch
+    from .migration import check_spread, migration_tasks, parse_shard, read_runs_file, shard_from_env
 
-    batch_outputs(args.run, args.out_root)  # names clash: an error before the heavy imports
-    from .pipeline import convert
+    if args.out_root is None:
+        raise ConvertError("several runs: give --out-root DIR (each run into DIR/<run name>)")
+    runs = [*args.run, *(read_runs_file(args.runs_from) if args.runs_from is not None else [])]
+    if not runs:
+        raise ConvertError("no run given: name run folders or --runs-from FILE")
+    check_spread(args.jobs, args.executor)  # before a run is read or recorded
+    shard = parse_shard(args.shard) if args.shard else shard_from_env(os.environ)
+    template = _options(args, Path(runs[0]), None)
+    template.progress = template.progress and args.jobs == 1 and args.executor == "local"
+    tasks = migration_tasks(runs, args.out_root, template, force=args.force, shard=shard, debug=args.debug)
+    if shard is not None:
+        log.info("shard %d/%d: %d of the %d runs", *shard, len(tasks), len(runs))
+    from .migration import migrate
 
-    results = convert_batch(
-        args.run, args.out_root, lambda run, out: convert(_options(args, run, out)), debug=args.debug
-    )
-    if args.json:
-        print(json.dumps([r.record() for r in results], indent=2))
-    else:
-        print(render_batch(results))
-    failed = [r for r in results if not r.ok]
+    found = api.Migration(tuple(migrate(tasks, args.jobs, args.executor, args.ray_address)))
+    print(json.dumps(found.as_json(), indent=2) if args.json else found.render())
+    failed = found.counts.get("failed", 0)
     if failed:
-        print(f"ckpt2hf: error: {len(failed)} of {len(results)} runs failed", file=sys.stderr)
+        print(f"ckpt2hf: error: {failed} of {len(found.runs)} runs failed", file=sys.stderr)
         return 2
     return 0
 

@@ -82,3 +82,12 @@ def find_inputs(run_or_ckpt: Path, ckpt: Path | None = None, adapter_dir: Path |
     else:
         adapter_root = run / ADAPTER_DIR if (run / ADAPTER_DIR).is_dir() else None
     return RunInputs(run, ckpt, adapter_root, found, reason)
+
+
+def relative_to_run(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` (the run); outside it, its name alone (as a manifest records a checkpoint: it
+    holds no paths of the machine that wrote it)."""
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return path.resolve().name

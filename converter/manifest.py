@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from .discover import relative_to_run
 from .hashing import path_bytes
 from .names import MANIFEST, MANIFEST_FORMAT, MODEL_CARD, PREPROCESSOR_CONFIG, TOKENIZER_CONFIG, WEIGHTS
 from .plan import PartPlan, Plan
@@ -44,14 +45,6 @@ def versions() -> dict[str, str]:
     return found
 
 
-def _relative(path: Path, root: Path) -> str:
-    """``path`` relative to ``root``; outside it, its name alone (a manifest holds no paths of this machine)."""
-    try:
-        return path.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return path.resolve().name
-
-
 def source_record(plan: Plan) -> dict[str, Any]:
     """Where the export comes from: the run (by name), the checkpoint chosen and why, the adapter folder (both
     relative to the run)."""
@@ -59,7 +52,7 @@ def source_record(plan: Plan) -> dict[str, Any]:
     return {
         "run": inputs.run.resolve().name,
         "checkpoint": {
-            "path": _relative(inputs.checkpoint, inputs.run),
+            "path": relative_to_run(inputs.checkpoint, inputs.run),
             "format": plan.checkpoint_format,
             "bytes": path_bytes(inputs.checkpoint),
             "epoch": plan.epoch,
@@ -69,7 +62,7 @@ def source_record(plan: Plan) -> dict[str, Any]:
             "layout": plan.checkpoint_layout,
             "frozen_excluded": plan.frozen_excluded,
         },
-        "adapter_folder": _relative(inputs.adapter_root, inputs.run) if inputs.adapter_root else None,
+        "adapter_folder": relative_to_run(inputs.adapter_root, inputs.run) if inputs.adapter_root else None,
     }
 
 
@@ -112,6 +105,7 @@ class Manifest:
     keys: dict[str, Any]
     verification: dict[str, Any] | None
     versions: dict[str, str]
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # options_record: what shaped the export
     adapter_out: dict[str, Any] | None = None  # --adapter-out: the PEFT folder written beside the export
     files: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     format: str = MANIFEST_FORMAT
@@ -135,12 +129,21 @@ def device_record(device: Any) -> dict[str, str]:
 
 
 def build_manifest(
-    plan: Plan, results: list[PartResult], identity: dict[str, Any], verified: bool, device: Any = "cpu"
+    plan: Plan,
+    results: list[PartResult],
+    identity: dict[str, Any],
+    verified: bool,
+    device: Any = "cpu",
+    options: dict[str, Any] | None = None,
+    adapter_identity: dict[str, Any] | None = None,
 ) -> Manifest:
     """``identity``: the checkpoint's ``identity`` record, and its ``sha256`` where it was computed; ``device``:
-    where the merge ran."""
+    where the merge ran; ``options``: ``options_record`` of the conversion; ``adapter_identity``: the adapter
+    folder's identity record (a migration converts a run again when either identity changes)."""
     source = source_record(plan)
     source["checkpoint"].update(identity)
+    if adapter_identity is not None:
+        source["adapter_identity"] = adapter_identity
     adapter = next((r.part.adapter.facts() for r in results if r.part.adapter is not None), None)
     accounting: dict[str, Any] = {
         "source_keys": sum(len(r.part.keys) for r in results) + sum(len(v) for v in plan.dropped.values())
@@ -174,6 +177,7 @@ def build_manifest(
         keys=accounting,
         verification={r.part.name: r.verification for r in results} if verified else None,
         versions=versions(),
+        options=options or {},
     )
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,3 +52,51 @@ class ConvertOptions:
         from .peft import GivenConfig
 
         return GivenConfig(self.adapter_config, self.lora_r, self.lora_alpha)
+
+
+# The options that shape what an export holds (where it is written, the device and the memory plan do not).
+SHAPING = (
+    "ckpt",
+    "config",
+    "adapter_dir",
+    "lora_from",
+    "bases",
+    "dtype",
+    "max_shard_size",
+    "engine",
+    "tokenizer",
+    "qlora_base",
+    "adapter_out",
+    "source_sha256",
+    "auto_class",
+    "strict",
+    "adapter_config",
+    "lora_r",
+    "lora_alpha",
+    "verify",
+)
+
+
+def options_record(opts: ConvertOptions) -> dict[str, object]:
+    """The manifest's ``options``: ``digest`` identifies the options that shape the export (paths resolved, so the
+    same folder given relative or absolute is the same option); ``set`` shows those not at their default, a path by
+    its name only (a manifest holds no paths of the machine that wrote it)."""
+    defaults = ConvertOptions(run=Path("."))
+    exact: dict[str, object] = {}
+    shown: dict[str, object] = {}
+    for name in SHAPING:
+        value = getattr(opts, name)
+        exact[name] = _canonical(value, exact=True)
+        if value != getattr(defaults, name):
+            shown[name] = _canonical(value, exact=False)
+    text = json.dumps(exact, sort_keys=True)
+    return {"digest": hashlib.sha256(text.encode()).hexdigest(), "set": shown}
+
+
+def _canonical(value: object, exact: bool) -> object:
+    """JSON for an option's value: a path resolved (``exact``) or by its name; a mapping's paths the same way."""
+    if isinstance(value, Path):
+        return str(value.resolve()) if exact else value.name
+    if isinstance(value, dict):
+        return {str(k): _canonical(v, exact) for k, v in sorted(value.items())}
+    return value

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,9 @@ from . import precision
 from .engines import ENGINES
 from .errors import ConvertError
 from .hashing import take as take_source_hash
+from .identity import source_identity
 from .manifest import PartResult, build_manifest, plan_summary, write_model_card
-from .options import ConvertOptions
+from .options import ConvertOptions, options_record
 from .peft import require_agreement, write_adapters
 from .plan import Plan
 from .planner import Opened, build_plan, open_run
@@ -44,6 +46,28 @@ def resolve_device(name: str) -> torch.device:
         return torch.device(name)
     except RuntimeError as exc:
         raise ConvertError(f"--device {name}: not a device; use auto, cpu or cuda") from exc
+
+
+_DEVICE_TURN: Any = None  # a lock of the processes that share one GPU (a migration's --jobs): they merge in turn
+
+
+def share_device(lock: Any) -> None:
+    """Make this process's conversions merge on the GPU only while they hold ``lock`` (a multiprocessing lock that
+    the other processes on the same GPU hold in turn), and give its cached memory back after each turn."""
+    global _DEVICE_TURN
+    _DEVICE_TURN = lock
+
+
+@contextlib.contextmanager
+def _device_turn(device: torch.device) -> Iterator[None]:
+    if device.type != "cuda" or _DEVICE_TURN is None:
+        yield
+        return
+    with _DEVICE_TURN:
+        try:
+            yield
+        finally:
+            torch.cuda.empty_cache()
 
 
 def plan_run(opts: ConvertOptions) -> tuple[Plan, Opened]:
@@ -82,6 +106,8 @@ def convert(opts: ConvertOptions) -> dict[str, Any]:
 def _convert(opts: ConvertOptions, plan: Plan, opened: Opened, out: Path, device: torch.device) -> dict[str, Any]:
     sources = plan.sources
     identity = opened.checkpoint.identity()  # the zip records: milliseconds
+    adapter_root = plan.inputs.adapter_root
+    adapter_identity = source_identity(adapter_root).record() if adapter_root is not None else None
     # The full sha256 only when asked for (usually started by the CLI before the heavy imports).
     hasher = take_source_hash(plan.inputs.checkpoint) if opts.source_sha256 else None
     try:
@@ -95,8 +121,9 @@ def _convert(opts: ConvertOptions, plan: Plan, opened: Opened, out: Path, device
                     str(plan.inputs.checkpoint),
                 )
         engine = ENGINES[plan.engine](sources, device, opts.progress)
-        with staged_output(out, opts.force) as stage:
+        with staged_output(out, opts.force) as stage, contextlib.ExitStack() as held:
             results, known = [], {}
+            held.enter_context(_device_turn(device))
             for part in plan.parts:
                 folder = stage / part.out if part.out else stage
                 log.info("writing %s (%s engine)", part.name, engine.name)
@@ -124,10 +151,13 @@ def _convert(opts: ConvertOptions, plan: Plan, opened: Opened, out: Path, device
                     release["precision"] = precision.summarize(part.name, dtype, written.precision)
                 results.append(PartResult(written.part, written.hashes, tuple(copied), verification, release))
                 known.update({f"{part.out}/{n}" if part.out else n: h for n, h in written.hashes.items()})
+            held.close()  # the GPU's turn ends with the last part
             sources.wait()  # every checksum of what was read must hold before anything is committed
             identity.check_unchanged()
             source = {"identity": identity.record(), **({"sha256": hasher.result()} if hasher else {})}
-            manifest = build_manifest(plan, results, source, opts.verify, device)
+            manifest = build_manifest(
+                plan, results, source, opts.verify, device, options_record(opts), adapter_identity
+            )
             with contextlib.ExitStack() as adapter_stage:
                 if opts.adapter_out is not None:  # committed just before the export, removed if it fails
                     folder = adapter_stage.enter_context(staged_output(Path(opts.adapter_out), opts.force))

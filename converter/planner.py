@@ -154,12 +154,30 @@ def choose_engine(opts: ConvertOptions, parts: tuple[PartPlan, ...]) -> str:
     except ValueError as exc:
         raise ConvertError(f"--max-memory {opts.max_memory}: not a size; use e.g. 8GB") from exc
     # The full engine holds the float32 model, the merged copy being cast and the output: about 3x float32.
-    largest = max((sum(t.numel for t in p.candidates) * 4 for p in parts), default=0)
+    largest = _largest_part(parts)
     if any(p.adapter is not None and p.adapter.base_dependent != () for p in parts) and 3 * largest <= limit:
         # The merge reads (or may read: untested) state PEFT computes from the base weights when it builds the model
         # (PSOFT): only the whole model, built as for training, has it as training had it.
         return "full"
     return "streaming" if largest > STREAM_ABOVE or 3 * largest > limit else "full"
+
+
+def _largest_part(parts: tuple[PartPlan, ...]) -> int:
+    """float32 bytes of the largest part."""
+    return max((sum(t.numel for t in p.candidates) * 4 for p in parts), default=0)
+
+
+PROCESS_BYTES = 1 << 30  # a conversion's process before any tensor: torch, transformers and PEFT imported
+
+
+def peak_memory(plan: Plan, opts: ConvertOptions) -> int:
+    """The memory a conversion of ``plan`` plans for, in bytes (what a Ray task of a migration reserves): the full
+    engine about 3x the float32 bytes of the largest part, the streaming engine its buffer pool and a few copies of
+    the largest tensor."""
+    if plan.engine == "full":
+        return PROCESS_BYTES + 3 * _largest_part(plan.parts)
+    biggest = max((t.numel * 4 for p in plan.parts for t in p.candidates), default=0)
+    return PROCESS_BYTES + opts.pool_bytes + 4 * biggest
 
 
 def refuse_streaming(parts: tuple[PartPlan, ...], engine: str) -> None:

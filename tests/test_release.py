@@ -210,11 +210,11 @@ def test_many_runs_convert_into_one_root_past_a_failure(pano_run, causal_lm_run,
     assert stderr.strip().splitlines()[-1] == "ckpt2hf: error: 1 of 2 runs failed"
     rows = stdout.splitlines()
     assert rows[0].split() == ["run", "status", "time", "export"]
-    assert rows[1].split()[:2] == [str(pano_run), "ok"] and rows[1].endswith("MB")
+    assert rows[1].split()[:2] == [str(pano_run), "converted"] and rows[1].endswith("MB")
     assert rows[2].split()[:2] == [str(broken), "failed"]
     assert rows[3].strip().startswith(f"{broken / 'checkpoints' / 'last.ckpt'}: ")
-    assert rows[-1] == "1 of 2 runs converted, 1 failed"
-    assert sorted(p.name for p in root.iterdir()) == [pano_run.name]
+    assert rows[-1] == "1 of 2 runs done (1 converted, 1 failed)"
+    assert sorted(p.name for p in root.iterdir()) == [".ckpt2hf", pano_run.name]  # the migration's records
     assert cli(capsys, "verify", root / pano_run.name)[0] == 0
 
 

@@ -1,0 +1,171 @@
+"""Where a migration's conversions run: in this process one after another, in ``--jobs`` processes on this host, or
+as tasks on a Ray cluster. Each returns the results in the order of the tasks it was given; each conversion is
+``migration.convert_task``, which records its run under the out-root whatever runs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from . import ledger
+from .errors import ConvertError
+from .ledger import FAILED, RunResult
+from .migration import RunTask, convert_task
+
+log = logging.getLogger(__name__)
+
+RAY_RETRIES = 3  # a Ray task lost with its worker or node is run again this many times
+
+
+def _lost(task: RunTask, message: str) -> RunResult:
+    """A run whose conversion ended with its process: failed, recorded by the process that saw it end."""
+    result = ledger.stamped(RunResult(task.options.run, task.options.out, FAILED, message), task.shard)
+    ledger.write(task.out_root, result)
+    return result
+
+
+def _announce(i: int, total: int, result: RunResult) -> None:
+    log.info("[%d/%d] %s: %s", i, total, result.run, result.status)
+
+
+def in_turn(tasks: Sequence[RunTask]) -> list[RunResult]:
+    """One conversion after another, in this process."""
+    results = []
+    for i, task in enumerate(tasks, 1):
+        log.info("[%d/%d] %s -> %s", i, len(tasks), task.options.run, task.options.out)
+        results.append(convert_task(task))
+    return results
+
+
+def _gpus(tasks: Sequence[RunTask]) -> int:
+    """GPUs the conversions may use: none when they merge on the CPU."""
+    if all(t.options.device == "cpu" for t in tasks):
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+_SLOTS: Any = None  # the worker's queue of slots, set by _start_worker
+
+
+def _start_worker(slots: Any, locks: Sequence[Any], gpus: int, threads: int, level: int) -> None:
+    """A ``--jobs`` worker takes a slot: slot k merges on GPU k mod the GPUs (the only one it sees), and the workers
+    that share a GPU take turns on it (``pipeline.share_device``); its torch threads are its share of the cores."""
+    slot = slots.get()
+    logging.basicConfig(level=level, format=f"%(levelname)s [job {slot + 1}] %(message)s")
+    if gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+    import torch
+
+    from . import pipeline
+
+    torch.set_num_threads(threads)
+    if gpus and locks:
+        pipeline.share_device(locks[slot % gpus])
+
+
+def in_processes(tasks: Sequence[RunTask], jobs: int) -> list[RunResult]:
+    """``jobs`` conversions at once, each in a process of its own (started fresh: no state of this one inherited)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    jobs = min(jobs, len(tasks))
+    context = multiprocessing.get_context("spawn")
+    gpus = _gpus(tasks)
+    slots = context.Queue()
+    for k in range(jobs):
+        slots.put(k)
+    sharing = gpus and jobs > gpus
+    locks = [context.Lock() for _ in range(gpus)] if sharing else []
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    level = logging.getLogger("converter").getEffectiveLevel()
+    if gpus:
+        log.info("%d jobs on %d GPUs%s", jobs, gpus, " (jobs on one GPU take turns merging)" if sharing else "")
+    initargs = (slots, locks, gpus, threads, level)
+    results: list[RunResult | None] = [None] * len(tasks)
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker, initargs=initargs) as pool:
+        futures = {pool.submit(convert_task, task): i for i, task in enumerate(tasks)}
+        for done, future in enumerate(as_completed(futures), 1):
+            i = futures[future]
+            try:
+                results[i] = future.result()
+            except Exception as exc:  # the worker died (killed, out of memory): the run failed, the others go on
+                task = tasks[i]
+                message = f"its process ended ({type(exc).__name__}: {exc}); convert it again"
+                results[i] = _lost(task, message)
+                if task.debug:
+                    raise
+            _announce(done, len(tasks), results[i])
+    return [r for r in results if r is not None]
+
+
+def require_ray() -> Any:
+    """The ``ray`` module; ConvertError saying how to install it where it is not."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise ConvertError(
+            "--executor ray: Ray is not installed here; install it with pip install 'ckpt2hf[ray]'"
+        ) from exc
+    return ray
+
+
+def _memory(task: RunTask) -> int:
+    """The memory a conversion plans for (bytes): from the plan of its run, read from metadata."""
+    from .pipeline import plan_run
+    from .planner import peak_memory
+
+    try:
+        plan, _ = plan_run(task.options)
+    except ConvertError:
+        return 0  # the task reports the error itself
+    with plan.sources:
+        return peak_memory(plan, task.options)
+
+
+def on_ray(tasks: Sequence[RunTask], address: str | None) -> list[RunResult]:
+    """Each run a Ray task (one CPU; a GPU when it merges on one and the cluster has GPUs; the memory its plan
+    needs), retried when its worker or node is lost. ``address``: the cluster's (default: ``RAY_ADDRESS``, else a
+    Ray started here for the migration). The runs and the out-root must be at the same paths on every node."""
+    ray = require_ray()
+    if not tasks:
+        return []
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, configure_logging=False)
+    try:
+        resources = ray.cluster_resources()
+        per_node = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+        gpus = resources.get("GPU", 0) and any(t.options.device != "cpu" for t in tasks)
+        remote = ray.remote(convert_task)
+        refs = []
+        for task in tasks:
+            memory = min(_memory(task), int(per_node * 0.9)) if per_node else 0
+            options: dict[str, Any] = {
+                "num_cpus": 1,
+                "num_gpus": 1 if gpus and task.options.device != "cpu" else 0,
+                "max_retries": RAY_RETRIES,
+                "retry_exceptions": False,
+            }
+            if memory:
+                options["memory"] = memory
+            refs.append(remote.options(**options).remote(task))
+        log.info("%d runs on Ray (%s)", len(refs), ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items())[:3]))
+        results: list[RunResult] = []
+        for i, (task, ref) in enumerate(zip(tasks, refs, strict=True), 1):
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayError as exc:  # lost more often than it was retried
+                line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                message = f"lost on Ray after {RAY_RETRIES} retries ({type(exc).__name__}: {line[:200]})"
+                result = _lost(task, message)
+            results.append(result)
+            _announce(i, len(tasks), result)
+        return results
+    finally:
+        if started_here:
+            ray.shutdown()
