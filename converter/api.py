@@ -242,8 +242,9 @@ def migrate(
     processes at once; ``shard``: (I, N), this caller's part of the runs; ``executor``: ``"local"`` or ``"ray"``
     (at ``ray_address``). ``options``: as for ``convert``. Raises ``ConvertError`` before anything is converted when
     a run is not found or two runs share a name."""
-    from .migration import check_spread, migration_tasks
-    from .migration import migrate as run_migration
+    from .executors import check_spread
+    from .executors import migrate as run_migration
+    from .migration import migration_tasks
 
     check_spread(jobs, executor)
     template = _options(".", None, options)

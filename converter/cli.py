@@ -409,7 +409,8 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _convert_batch(args: argparse.Namespace) -> int:
-    from .migration import check_spread, migration_tasks, parse_shard, read_runs_file, shard_from_env
+    from .executors import check_spread, migrate
+    from .migration import migration_tasks, parse_shard, read_runs_file, shard_from_env
 
     if args.out_root is None:
         raise ConvertError("several runs: give --out-root DIR (each run into DIR/<run name>)")
@@ -423,7 +424,6 @@ def _convert_batch(args: argparse.Namespace) -> int:
     tasks = migration_tasks(runs, args.out_root, template, force=args.force, shard=shard, debug=args.debug)
     if shard is not None:
         log.info("shard %d/%d: %d of the %d runs", *shard, len(tasks), len(runs))
-    from .migration import migrate
 
     found = api.Migration(tuple(migrate(tasks, args.jobs, args.executor, args.ray_address)))
     print(json.dumps(found.as_json(), indent=2) if args.json else found.render())

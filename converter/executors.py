@@ -17,6 +17,7 @@ from .migration import RunTask, convert_task
 
 log = logging.getLogger(__name__)
 
+EXECUTORS = ("local", "ray")
 RAY_RETRIES = 3  # a Ray task lost with its worker or node is run again this many times
 
 
@@ -169,3 +170,26 @@ def on_ray(tasks: Sequence[RunTask], address: str | None) -> list[RunResult]:
     finally:
         if started_here:
             ray.shutdown()
+
+
+def check_spread(jobs: int, executor: str) -> None:
+    """ConvertError for a number of jobs or an executor that cannot work (before anything is recorded)."""
+    if executor not in EXECUTORS:
+        raise ConvertError(f"--executor {executor}: use {' or '.join(EXECUTORS)}")
+    if jobs < 1:
+        raise ConvertError(f"--jobs {jobs}: give 1 or more")
+    if executor == "ray":
+        require_ray()
+
+
+def migrate(
+    tasks: Sequence[RunTask], jobs: int = 1, executor: str = "local", ray_address: str | None = None
+) -> list[RunResult]:
+    """Run ``tasks``: one after another in this process (``jobs`` 1), in ``jobs`` processes, or as Ray tasks; the
+    results in the order of ``tasks``."""
+    check_spread(jobs, executor)
+    if executor == "ray":
+        return on_ray(tasks, ray_address)
+    if jobs > 1 and len(tasks) > 1:
+        return in_processes(tasks, jobs)
+    return in_turn(tasks)

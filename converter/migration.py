@@ -9,7 +9,7 @@ the next start. It spreads: ``--jobs N`` processes on one host, ``--shard I/N`` 
 ``DIR/.ckpt2hf/`` (``ledger``), where ``ckpt2hf status DIR`` reads the whole migration.
 
 The run names are settled before anything is read: two runs that would write the same folder are an error then.
-Importing this module does not import torch.
+Importing this module does not import torch; `executors` runs the tasks.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from . import ledger
 from .discover import find_inputs, relative_to_run
@@ -32,8 +31,6 @@ from .names import MANIFEST
 from .options import ConvertOptions, options_record
 
 log = logging.getLogger(__name__)
-
-EXECUTORS = ("local", "ray")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,35 +211,3 @@ def migration_tasks(
         )
         for run, out in select_shard(pairs, shard)
     ]
-
-
-def check_spread(jobs: int, executor: str) -> None:
-    """ConvertError for a number of jobs or an executor that cannot work (before anything is recorded)."""
-    if executor not in EXECUTORS:
-        raise ConvertError(f"--executor {executor}: use {' or '.join(EXECUTORS)}")
-    if jobs < 1:
-        raise ConvertError(f"--jobs {jobs}: give 1 or more")
-    if executor == "ray":
-        from .executors import require_ray
-
-        require_ray()
-
-
-def migrate(
-    tasks: Sequence[RunTask], jobs: int = 1, executor: str = "local", ray_address: str | None = None
-) -> list[RunResult]:
-    """Run ``tasks``: one after another in this process (``jobs`` 1), in ``jobs`` processes, or as Ray tasks; the
-    results in the order of ``tasks``."""
-    from . import executors
-
-    check_spread(jobs, executor)
-    if executor == "ray":
-        return executors.on_ray(tasks, ray_address)
-    if jobs > 1 and len(tasks) > 1:
-        return executors.in_processes(tasks, jobs)
-    return executors.in_turn(tasks)
-
-
-def report(results: Sequence[RunResult]) -> dict[str, Any]:
-    """The JSON of a migration (``convert --out-root ... --json`` and ``status --json``)."""
-    return {"runs": [r.record() for r in results], "counts": ledger.counts(results), "done": all(r.ok for r in results)}

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from converter.cli import main
+
 from helpers import REPO, cli, no_stage_left, tree_digest
 
 NAMES = ("m0", "m1", "m2", "m3")
@@ -65,8 +67,7 @@ def statuses(capsys, root: Path) -> tuple[int, dict[str, str]]:
 def sequential(runs, tmp_path_factory) -> Path:
     """The reference: the four runs converted one after another by one process."""
     root = tmp_path_factory.mktemp("sequential") / "out"
-    code, _, err = finished(command("convert", *runs, "--out-root", root, "--no-verify", "--quiet"))
-    assert code == 0, err
+    assert main(["convert", *map(str, runs), "--out-root", str(root), "--no-verify", "--quiet"]) == 0
     return root
 
 
