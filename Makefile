@@ -87,6 +87,7 @@ format: venv
 bench: venv
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) bench/bench.py $(BENCH_ARGS)
+	$(PY) bench/migration.py
 
 # Not part of CI: seeded damage to every kind of input for MINUTES (default 30), with a fresh seed (SEED=n
 # replays one); each input that breaks the property goes to fuzz-crashes/ (the damaged file and its damage).

@@ -6,7 +6,7 @@ Each contender is a fresh ``ckpt2hf convert`` process into an empty out-root (th
 migration with one export removed). The 8 runs are copies of one real Lightning run under 8 names (each its own
 export). Writes bench/results-migration.{json,md}.
 
-    python bench/migration.py [--reps 3] [--hidden 256 --layers 8]
+    python bench/migration.py [--reps 3] [--hidden 512 --layers 12]
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def build_runs(where: Path, hidden: int, layers: int) -> list[Path]:
         layers=layers, hidden=hidden, intermediate=hidden * 3, heads=8, kv_heads=4, head_dim=hidden // 8, vocab=4096
     )
     bases = build_bases(where, shape)
-    run = build_run(where, RunSpec(name="seed", steps=2, lora_r=16, save_top_k=0), bases)
+    run = build_run(where, RunSpec(name="seed", steps=2, lora_r=16, save_top_k=0, optimizer="sgd"), bases)
     runs = []
     for i in range(RUNS):
         runs.append(where / "runs" / f"run-{i}")
@@ -81,8 +81,8 @@ def ray_head() -> tuple[subprocess.Popen, str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=12)
     args = parser.parse_args()
     os.environ["HF_HUB_OFFLINE"] = "1"
     work = Path(tempfile.mkdtemp(prefix="ckpt2hf-bench-migration-"))

@@ -13,7 +13,7 @@ from typing import Any
 from . import ledger
 from .errors import ConvertError
 from .ledger import FAILED, RunResult
-from .migration import RunTask, convert_task
+from .migration import RunTask, check_task, convert_task
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +188,17 @@ def migrate(
     """Run ``tasks``: one after another in this process (``jobs`` 1), in ``jobs`` processes, or as Ray tasks; the
     results in the order of ``tasks``."""
     check_spread(jobs, executor)
-    if executor == "ray":
-        return on_ray(tasks, ray_address)
-    if jobs > 1 and len(tasks) > 1:
-        return in_processes(tasks, jobs)
-    return in_turn(tasks)
+    if executor == "local" and (jobs == 1 or len(tasks) < 2):
+        return in_turn(tasks)
+    # Up to date or not is found here, in milliseconds a run: only the runs to convert start processes or tasks.
+    checked = [check_task(task) for task in tasks]
+    todo = [c for c in checked if isinstance(c, RunTask)]
+    log.info("%d of %d runs to convert", len(todo), len(tasks))
+    if not todo:
+        converted: list[RunResult] = []
+    elif executor == "ray":
+        converted = on_ray(todo, ray_address)
+    else:
+        converted = in_processes(todo, jobs) if len(todo) > 1 else in_turn(todo)
+    given = iter(converted)
+    return [c if isinstance(c, RunResult) else next(given) for c in checked]

@@ -42,6 +42,7 @@ class RunTask:
     force: bool = False
     shard: str = ""
     debug: bool = False
+    because: str | None = None  # why the run converts, once checked (None: not checked yet)
 
 
 def read_runs_file(path: Path) -> list[Path]:
@@ -146,34 +147,56 @@ def _checkpoint_identity(path: Path, opts: ConvertOptions) -> str:
         return open_checkpoint(path, reader).identity().digest
 
 
+def check_task(task: RunTask) -> RunTask | RunResult:
+    """The task with why its run converts (``because``), or its result when there is nothing to convert: up to date,
+    or failed before converting (a folder at its export that is no export). Recorded under the out-root."""
+    if task.because is not None:
+        return task
+    if task.force:
+        return dataclasses.replace(task, because="forced")
+    opts = task.options
+    start = time.perf_counter()
+    try:
+        because = stale_because(opts)
+    except Exception as exc:  # noqa: BLE001 - a failed run, reported; the others go on
+        return _record(task, _failed(task, exc, start))
+    if because is None:
+        took = time.perf_counter() - start
+        return _record(task, RunResult(Path(opts.run), Path(opts.out), UP_TO_DATE, "", took, path_bytes(opts.out)))
+    return dataclasses.replace(task, because=because)
+
+
 def convert_task(task: RunTask) -> RunResult:
     """Convert one run of a migration (or find it up to date), recording it under the out-root as it goes. A bad
     run is a ``failed`` result with its one-line reason (with ``debug``: raised)."""
     from .pipeline import convert
 
-    opts = task.options
+    checked = check_task(task)
+    if isinstance(checked, RunResult):
+        return checked
+    opts = checked.options
     run, out = Path(opts.run), Path(opts.out)
     start = time.perf_counter()
     try:
-        because = None if task.force else stale_because(opts)
-        if not task.force and because is None:
-            return _record(task, RunResult(run, out, UP_TO_DATE, "", time.perf_counter() - start, path_bytes(out)))
         ledger.write(task.out_root, ledger.stamped(RunResult(run, out, CONVERTING, _where()), task.shard))
-        log.info("%s -> %s (%s)", run, out, "--force" if task.force else because)
+        log.info("%s -> %s (%s)", run, out, checked.because)
         convert(dataclasses.replace(opts, force=True))  # a stale export is replaced once the new one is complete
-        result = RunResult(run, out, CONVERTED, because or "forced", time.perf_counter() - start, path_bytes(out))
-    except ConvertError as exc:
-        if task.debug:
-            raise
-        log.error("%s: %s", run, exc)
-        result = RunResult(run, out, FAILED, str(exc), time.perf_counter() - start)
-    except Exception as exc:  # a bug: reported as such, and the other runs still convert
-        if task.debug:
-            raise
-        message = f"internal error ({type(exc).__name__}: {exc}); rerun this run with --debug"
-        log.error("%s: %s", run, message)
-        result = RunResult(run, out, FAILED, message, time.perf_counter() - start)
+        result = RunResult(run, out, CONVERTED, checked.because or "", time.perf_counter() - start, path_bytes(out))
+    except Exception as exc:  # noqa: BLE001 - a failed run, reported; the others go on
+        result = _failed(task, exc, start)
     return _record(task, result)
+
+
+def _failed(task: RunTask, exc: Exception, start: float) -> RunResult:
+    """A run that failed: bad input (its one line) or a bug (said as such); with ``debug``, raised."""
+    if task.debug:
+        raise exc
+    if isinstance(exc, ConvertError):
+        message = str(exc)
+    else:
+        message = f"internal error ({type(exc).__name__}: {exc}); rerun this run with --debug"
+    log.error("%s: %s", task.options.run, message)
+    return RunResult(Path(task.options.run), Path(task.options.out), FAILED, message, time.perf_counter() - start)
 
 
 def _where() -> str:
