@@ -70,12 +70,15 @@ def _start_worker(slots: Any, locks: Sequence[Any], gpus: int, threads: int, lev
 
 
 def in_processes(tasks: Sequence[RunTask], jobs: int) -> list[RunResult]:
-    """``jobs`` conversions at once, each in a process of its own (started fresh: no state of this one inherited)."""
+    """``jobs`` conversions at once, each in a process of its own (none of this process's state inherited)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     jobs = min(jobs, len(tasks))
-    context = multiprocessing.get_context("spawn")
+    # Workers fork from one server process that imported the pipeline (torch, transformers, PEFT) once and ran
+    # nothing (no CUDA, no thread pools: safe to fork), so they do not each pay the imports.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["converter.pipeline"])
     gpus = _gpus(tasks)
     slots = context.Queue()
     for k in range(jobs):
