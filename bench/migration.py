@@ -12,6 +12,7 @@ export). Writes bench/results-migration.{json,md}.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -29,10 +30,13 @@ ROOT = Path(__file__).resolve().parent.parent
 RUNS = 8
 
 
+EXTRA: list[str] = []  # --convert-args
+
+
 def convert(*argv: object) -> float:
     start = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "converter", "convert", *map(str, argv), "--quiet", "--no-verify"],
+        [sys.executable, "-m", "converter", "convert", *map(str, argv), "--quiet", "--no-verify", *EXTRA],
         cwd=ROOT,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
         capture_output=True,
@@ -83,14 +87,18 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--convert-args", default="", help="more flags for every convert, e.g. '--device cpu'")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench", help="where results-migration.* go")
     args = parser.parse_args()
+    EXTRA.extend(args.convert_args.split())
+    has_ray = importlib.util.find_spec("ray") is not None
     os.environ["HF_HUB_OFFLINE"] = "1"
     work = Path(tempfile.mkdtemp(prefix="ckpt2hf-bench-migration-"))
     head = None
     try:
         runs = build_runs(work, args.hidden, args.layers)
         ckpt_mb = (runs[0] / "checkpoints" / "last.ckpt").stat().st_size / 1e6
-        head, address = ray_head()
+        head, address = ray_head() if has_ray else (None, "")
         contenders = {
             "one run": lambda out: convert(runs[0], "--out", out / "one"),
             "8 runs, sequential": lambda out: convert(*runs, "--out-root", out),
@@ -99,6 +107,8 @@ def main() -> int:
                 *runs, "--out-root", out, "--executor", "ray", "--ray-address", address
             ),
         }
+        if not has_ray:  # a machine without the extra: said in the table's title
+            del contenders["8 runs, Ray (2 workers)"]
         finished = work / "finished"
         convert(*runs, "--out-root", finished)
 
@@ -131,18 +141,22 @@ def main() -> int:
         }
         for name, m in medians.items()
     ]
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    machine = f"{platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores"
     result = {"machine": machine, "checkpoint_mb": round(ckpt_mb, 1), "reps": args.reps, "rows": rows}
-    (ROOT / "bench" / "results-migration.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "results-migration.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"Migration of {RUNS} runs ({ckpt_mb:.0f} MB checkpoint each, hidden {args.hidden}, {args.layers} layers; "
-        f"{machine}; median of {args.reps}; every contender a fresh `ckpt2hf convert --no-verify` process)",
+        f"{machine}; median of {args.reps}; every contender a fresh `ckpt2hf convert --no-verify{' ' if EXTRA else ''}"
+        f"{' '.join(EXTRA)}` process{'' if has_ray else '; Ray not installed'})",
         "",
         "| contender | median wall | x sequential | x one run |",
         "|---|---:|---:|---:|",
-        *(f"| {r['contender']} | {r['median_s']:.1f} s | {r['x_sequential']:.2f} | {r['x_one_run']:.2f} |" for r in rows),
+        *(
+            f"| {r['contender']} | {r['median_s']:.1f} s | {r['x_sequential']:.2f} | {r['x_one_run']:.2f} |"
+            for r in rows
+        ),
     ]
-    (ROOT / "bench" / "results-migration.md").write_text("\n".join(lines) + "\n")
+    (args.out / "results-migration.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -94,3 +94,10 @@ def test_the_layouts_are_package_data_with_one_copy():
     assert builtin_names() == sorted(p.stem for p in (REPO / "converter" / "configs").glob("*.yaml"))
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert pyproject["tool"]["setuptools"]["package-data"] == {"converter": ["configs/*.yaml"]}
+
+
+def test_the_readme_documents_every_function_of_the_api():
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Python API") : readme.index("## Converting a run")]
+    functions = [n for n in converter.__all__ if n[0].islower() and not n.startswith("_")]
+    assert [n for n in functions if f"converter.{n}(" not in section] == []
