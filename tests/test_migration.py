@@ -77,8 +77,11 @@ def test_a_migration_killed_halfway_converts_only_what_was_left(runs, tmp_path, 
     proc = command("convert", *runs[:3], "--out-root", root, "--quiet")  # verified: each run takes a while
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
-        record = ledger / "m1.json"
-        if record.is_file() and json.loads(record.read_text())["status"] == "converting":
+        try:
+            status = json.loads((ledger / "m1.json").read_text())["status"]
+        except (OSError, ValueError):  # not there yet, or the pending record being created
+            status = None
+        if status == "converting":
             proc.send_signal(signal.SIGKILL)  # while m1 converts
             break
         assert proc.poll() is None, proc.communicate()
@@ -269,3 +272,30 @@ def test_the_api_migrates_and_reports_as_the_command_does(runs, sequential, tmp_
     assert again.counts == {"up to date": 2}
     assert converter.status(root).as_json()["counts"] == {"up to date": 2}
     assert exports(root) == {k: v for k, v in exports(sequential).items() if k in ("m0", "m1")}
+
+
+def test_a_ray_task_whose_worker_is_lost_is_run_again(runs, sequential, ray_head, tmp_path, capsys):
+    """The worker converting m0 is killed (as when its node is lost): Ray runs the task again, the run converts."""
+    root = tmp_path / "ray-lost"
+    record = root / ".ckpt2hf" / "runs" / "m0.json"
+    argv = ("convert", *runs[:2], "--out-root", root, "--executor", "ray", "--ray-address", ray_head, "--no-verify")
+    proc = command(*argv, "--quiet")
+    killed = None
+    deadline = time.monotonic() + 240
+    while killed is None and time.monotonic() < deadline and proc.poll() is None:
+        try:
+            found = json.loads(record.read_text())
+        except (OSError, ValueError):  # not there yet, or the pending record being created
+            found = {}
+        if found.get("status") == "converting":
+            killed = found["pid"]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.005)
+    assert killed is not None, "m0 was never seen converting"
+    code, stdout, stderr = finished(proc)
+    assert code == 0, stderr
+    assert stdout.splitlines()[-1] == "2 of 2 runs done (2 converted)"
+    final = json.loads(record.read_text())
+    assert final["status"] == "converted" and final["pid"] != killed  # by the task's second worker
+    assert exports(root) == {k: v for k, v in exports(sequential).items() if k in ("m0", "m1")}
+    assert no_stage_left(root)
