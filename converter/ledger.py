@@ -90,17 +90,20 @@ def write(out_root: Path, result: RunResult) -> None:
 
 
 def add_pending(out_root: Path, pairs: Iterable[tuple[Path, Path]]) -> None:
-    """A ``pending`` record for each run that has none yet (created exclusively: a record another process has
-    written stays as it is)."""
+    """A ``pending`` record for each run that has none yet (linked into place whole, and only where no record is: one
+    another process has written stays as it is)."""
     folder = _folder(out_root)
     folder.mkdir(parents=True, exist_ok=True)
     for run, out in pairs:
         record = stamped(RunResult(Path(run).resolve(), Path(out).resolve(), PENDING)).record()
+        partial = folder / f".{Path(out).name}.{os.getpid()}.tmp"
+        partial.write_text(json.dumps(record, indent=2) + "\n")
         try:
-            with open(folder / f"{Path(out).name}.json", "x") as fh:
-                fh.write(json.dumps(record, indent=2) + "\n")
+            os.link(partial, folder / f"{Path(out).name}.json")  # whole, and only where there is no record
         except FileExistsError:
-            continue
+            pass
+        finally:
+            partial.unlink()
 
 
 def _alive(result: RunResult) -> bool:
