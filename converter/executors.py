@@ -18,6 +18,7 @@ from .migration import RunTask, check_task, convert_task
 log = logging.getLogger(__name__)
 
 EXECUTORS = ("local", "ray")
+PROCESS_ROUNDS = 3  # pools a --jobs migration starts at most, when a worker dies
 RAY_RETRIES = 3  # a Ray task lost with its worker or node is run again this many times
 
 
@@ -70,9 +71,10 @@ def _start_worker(slots: Any, locks: Sequence[Any], gpus: int, threads: int, lev
 
 
 def in_processes(tasks: Sequence[RunTask], jobs: int) -> list[RunResult]:
-    """``jobs`` conversions at once, each in a process of its own (none of this process's state inherited)."""
+    """``jobs`` conversions at once, each in a process of its own (none of this process's state inherited). A worker
+    that dies (killed, out of memory) takes the pool down with it: the runs left unfinished are given to a new pool,
+    up to ``PROCESS_ROUNDS`` times, as Ray reruns a lost task."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     jobs = min(jobs, len(tasks))
     # Workers fork from one server process that imported the pipeline (torch, transformers, PEFT) once and ran
@@ -80,31 +82,58 @@ def in_processes(tasks: Sequence[RunTask], jobs: int) -> list[RunResult]:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["converter.pipeline"])
     gpus = _gpus(tasks)
+    sharing = gpus and jobs > gpus
+    locks = [context.Lock() for _ in range(gpus)] if sharing else []
+    if gpus:
+        log.info("%d jobs on %d GPUs%s", jobs, gpus, " (jobs on one GPU take turns merging)" if sharing else "")
+    results: dict[int, RunResult] = {}
+    left = dict(enumerate(tasks))
+    for round_ in range(1, PROCESS_ROUNDS + 1):
+        lost = _pool_round(context, left, min(jobs, len(left)), gpus, locks, results, len(tasks))
+        left = {i: tasks[i] for i in lost}
+        if not left:
+            break
+        if round_ < PROCESS_ROUNDS:
+            log.warning("a job's process ended; converting its %d unfinished runs again in new processes", len(left))
+    for i, (task, error) in lost.items() if left else ():
+        if task.debug:
+            raise error
+        results[i] = _lost(task, f"its process ended ({type(error).__name__}: {error}); convert it again")
+    return [results[i] for i in range(len(tasks))]
+
+
+def _pool_round(
+    context: Any,
+    tasks: dict[int, RunTask],
+    jobs: int,
+    gpus: int,
+    locks: Sequence[Any],
+    results: dict[int, RunResult],
+    total: int,
+) -> dict[int, tuple[RunTask, BaseException]]:
+    """One pool over ``tasks`` (index -> task): the results into ``results``; returns the tasks whose process ended
+    before they did, with the error it left."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
     slots = context.Queue()
     for k in range(jobs):
         slots.put(k)
-    sharing = gpus and jobs > gpus
-    locks = [context.Lock() for _ in range(gpus)] if sharing else []
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = max(1, len(os.sched_getaffinity(0)) // jobs)
     level = logging.getLogger("converter").getEffectiveLevel()
-    if gpus:
-        log.info("%d jobs on %d GPUs%s", jobs, gpus, " (jobs on one GPU take turns merging)" if sharing else "")
     initargs = (slots, locks, gpus, threads, level)
-    results: list[RunResult | None] = [None] * len(tasks)
+    lost: dict[int, tuple[RunTask, BaseException]] = {}
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker, initargs=initargs) as pool:
-        futures = {pool.submit(convert_task, task): i for i, task in enumerate(tasks)}
-        for done, future in enumerate(as_completed(futures), 1):
+        futures = {pool.submit(convert_task, task): i for i, task in tasks.items()}
+        for future in as_completed(futures):
             i = futures[future]
             try:
                 results[i] = future.result()
-            except Exception as exc:  # the worker died (killed, out of memory): the run failed, the others go on
-                task = tasks[i]
-                message = f"its process ended ({type(exc).__name__}: {exc}); convert it again"
-                results[i] = _lost(task, message)
-                if task.debug:
-                    raise
-            _announce(done, len(tasks), results[i])
-    return [r for r in results if r is not None]
+            except BrokenProcessPool as exc:  # a worker died: every run not finished is run again
+                lost[i] = (tasks[i], exc)
+                continue
+            _announce(len(results), total, results[i])
+    return lost
 
 
 def require_ray() -> Any:

@@ -299,3 +299,30 @@ def test_a_ray_task_whose_worker_is_lost_is_run_again(runs, sequential, ray_head
     assert final["status"] == "converted" and final["pid"] != killed  # by the task's second worker
     assert exports(root) == {k: v for k, v in exports(sequential).items() if k in ("m0", "m1")}
     assert no_stage_left(root)
+
+
+def test_a_job_whose_process_is_killed_is_converted_again(runs, sequential, tmp_path):
+    """--jobs 2: the process converting m0 is killed (as the kernel does when memory runs out); the pool it broke is
+    replaced and the unfinished runs convert."""
+    root = tmp_path / "jobs-lost"
+    record = root / ".ckpt2hf" / "runs" / "m0.json"
+    proc = command("convert", *runs[:3], "--out-root", root, "--jobs", "2", "--no-verify")
+    killed = None
+    deadline = time.monotonic() + 240
+    while killed is None and time.monotonic() < deadline and proc.poll() is None:
+        try:
+            found = json.loads(record.read_text())
+        except (OSError, ValueError):
+            found = {}
+        if found.get("status") == "converting":
+            killed = found["pid"]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.005)
+    assert killed is not None, "m0 was never seen converting"
+    code, stdout, stderr = finished(proc)
+    assert code == 0, stderr
+    assert "a job's process ended; converting its " in stderr
+    assert stdout.splitlines()[-1] == "3 of 3 runs done (3 converted)"
+    assert json.loads(record.read_text())["pid"] != killed
+    assert exports(root) == {k: v for k, v in exports(sequential).items() if k in ("m0", "m1", "m2")}
+    assert no_stage_left(root)
