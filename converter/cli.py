@@ -18,6 +18,7 @@ from typing import Any
 
 from . import api
 from .errors import ConvertError
+from .names import DEFER_BITSANDBYTES
 from .version import __version__
 
 log = logging.getLogger("converter")
@@ -278,6 +279,7 @@ def _defer_bitsandbytes(argv: list[str]) -> None:
     wanted = any(a.endswith("dequantized") for a in argv)
     if not wanted and "peft" not in sys.modules and "bitsandbytes" not in sys.modules:
         sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
+        os.environ[DEFER_BITSANDBYTES] = "1"  # and in the --jobs workers (converter.preload)
 
 
 def run() -> None:

@@ -70,17 +70,26 @@ def _start_worker(slots: Any, locks: Sequence[Any], gpus: int, threads: int, lev
         pipeline.share_device(locks[slot % gpus])
 
 
+def _forkserver() -> Any:
+    """The context of the ``--jobs`` workers, its server started now if it is not running. The workers fork from one
+    server process that imported what a conversion imports (``preload``) once and ran nothing (no CUDA, no thread
+    pools: safe to fork), so they do not each pay the imports; started before the runs are checked, it imports
+    while this process does."""
+    import multiprocessing
+    import multiprocessing.forkserver
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["converter.preload"])
+    multiprocessing.forkserver.ensure_running()
+    return context
+
+
 def in_processes(tasks: Sequence[RunTask], jobs: int) -> list[RunResult]:
     """``jobs`` conversions at once, each in a process of its own (none of this process's state inherited). A worker
     that dies (killed, out of memory) takes the pool down with it: the runs left unfinished are given to a new pool,
     up to ``PROCESS_ROUNDS`` times, as Ray reruns a lost task."""
-    import multiprocessing
-
     jobs = min(jobs, len(tasks))
-    # Workers fork from one server process that imported the pipeline (torch, transformers, PEFT) once and ran
-    # nothing (no CUDA, no thread pools: safe to fork), so they do not each pay the imports.
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["converter.pipeline"])
+    context = _forkserver()
     gpus = _gpus(tasks)
     sharing = gpus and jobs > gpus
     locks = [context.Lock() for _ in range(gpus)] if sharing else []
@@ -222,6 +231,8 @@ def migrate(
     check_spread(jobs, executor)
     if executor == "local" and (jobs == 1 or len(tasks) < 2):
         return in_turn(tasks)
+    if executor == "local":
+        _forkserver()  # imports the pipeline beside the checks below
     # Up to date or not is found here, in milliseconds a run: only the runs to convert start processes or tasks.
     checked = [check_task(task) for task in tasks]
     todo = [c for c in checked if isinstance(c, RunTask)]

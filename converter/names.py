@@ -46,3 +46,5 @@ ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 # Names of the tensor sources a plan refers to
 CHECKPOINT = "checkpoint"
 ADAPTER = "adapter"
+
+DEFER_BITSANDBYTES = "CKPT2HF_DEFER_BITSANDBYTES"  # "1": the command line marked bitsandbytes unavailable (cli.py)
