@@ -211,6 +211,21 @@ def _record(task: RunTask, result: RunResult) -> RunResult:
     return result
 
 
+def absolute_paths(opts: ConvertOptions) -> ConvertOptions:
+    """``opts`` with its paths made absolute from the current folder, as a worker elsewhere (a Ray task's folder is
+    its own) must be given them; ``--ckpt`` relative to the run stays as it is."""
+    fields = {}
+    for f in dataclasses.fields(opts):
+        value = getattr(opts, f.name)
+        if f.name == "ckpt" and value is not None and not Path(value).exists():
+            continue  # relative to each run (find_inputs)
+        if isinstance(value, Path):
+            fields[f.name] = value.absolute()
+        elif f.name == "bases":
+            fields[f.name] = {k: Path(v).absolute() for k, v in value.items()}
+    return dataclasses.replace(opts, **fields)
+
+
 def migration_tasks(
     runs: Sequence[Path],
     out_root: Path,
@@ -224,6 +239,7 @@ def migration_tasks(
     pairs = migration_outputs(runs, Path(out_root))
     ledger.add_pending(out_root, pairs)
     label = f"{shard[0]}/{shard[1]}" if shard else ""
+    template = absolute_paths(template)
     return [
         RunTask(
             dataclasses.replace(template, run=Path(run).resolve(), out=Path(out).resolve()),

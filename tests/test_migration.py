@@ -326,3 +326,18 @@ def test_a_job_whose_process_is_killed_is_converted_again(runs, sequential, tmp_
     assert json.loads(record.read_text())["pid"] != killed
     assert exports(root) == {k: v for k, v in exports(sequential).items() if k in ("m0", "m1", "m2")}
     assert no_stage_left(root)
+
+
+def test_a_migrations_paths_reach_workers_as_absolute_paths(tmp_path, monkeypatch):
+    """A Ray task runs in a folder of its own: the paths a migration is given are made absolute before it starts."""
+    from converter.migration import absolute_paths
+    from converter.options import ConvertOptions
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "picked.ckpt").write_bytes(b"")
+    given = ConvertOptions(run=Path("."), bases={"language_model": Path("bases/lm")}, tokenizer=Path("tok"))
+    made = absolute_paths(given)
+    assert made.bases == {"language_model": tmp_path / "bases" / "lm"} and made.tokenizer == tmp_path / "tok"
+    assert absolute_paths(ConvertOptions(run=Path("."), ckpt=Path("picked.ckpt"))).ckpt == tmp_path / "picked.ckpt"
+    in_each_run = Path("checkpoints/epoch=1.ckpt")  # not here: relative to each run, as find_inputs reads it
+    assert absolute_paths(ConvertOptions(run=Path("."), ckpt=in_each_run)).ckpt == in_each_run
