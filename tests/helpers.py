@@ -38,7 +38,12 @@ def assert_same_tensors(got: dict[str, torch.Tensor], expected: dict[str, torch.
     """The same keys, and every tensor equal in dtype and value."""
     assert sorted(got) == sorted(expected)
     different = [k for k in expected if got[k].dtype != expected[k].dtype or not torch.equal(got[k], expected[k])]
-    assert different == []
+    said = {  # what differs, and by how much: a failure says where to look
+        k: (str(got[k].dtype), str(expected[k].dtype), float((got[k].double() - expected[k].double()).abs().max()))
+        for k in different
+        if got[k].shape == expected[k].shape
+    }
+    assert different == [], said
 
 
 def cli(capsys, *argv: str) -> tuple[int, str, str]:
