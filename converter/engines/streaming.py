@@ -278,6 +278,14 @@ class _PartWriter:
                     assert got == tensor.name, (got, tensor.name)
                     value = cast_checked(tensor.name, whole, tensor.dtype, self.sources.path(tensor.source))
                 hub.compute(tensor.name, value)
+                if tensor.merged_from is not None:
+                    # A merged unit's output may be its pooled source buffer, merged in place. The hub's tensors
+                    # computed from it (one per expert) are views of that buffer, and the writer hands back each
+                    # tensor's buffer once written: the first expert's would free the buffer for the next read
+                    # while the other experts wait to be written. They are written from copies of their own; the
+                    # buffer goes back now.
+                    hub.pending = {k: v.clone() for k, v in hub.pending.items()}
+                    self.sources.release(value)
             stream.write(name, hub.pending.pop(name))
             return
         if tensor.merged_from is not None:
