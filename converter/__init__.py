@@ -7,36 +7,9 @@ The command line is ``ckpt2hf``; the same operations as functions (the README's 
     assert converter.verify(result.out).ok
 """
 
-from .api import (
-    Conversion,
-    ConversionPlan,
-    Inspection,
-    Migration,
-    RunResult,
-    Verification,
-    convert,
-    inspect,
-    migrate,
-    plan_conversion,
-    status,
-    verify,
-)
+from . import api
+from .api import *  # noqa: F403 - the API is api.__all__
 from .errors import ConvertError
 from .version import __version__
 
-__all__ = [
-    "Conversion",
-    "ConversionPlan",
-    "ConvertError",
-    "Inspection",
-    "Migration",
-    "RunResult",
-    "Verification",
-    "__version__",
-    "convert",
-    "inspect",
-    "migrate",
-    "plan_conversion",
-    "status",
-    "verify",
-]
+__all__ = [*api.__all__, "ConvertError", "__version__"]

@@ -371,7 +371,7 @@ def _convert(args: argparse.Namespace) -> int:
 
     batch = args.out_root is not None or len(args.run) > 1 or args.runs_from is not None
     if not batch:
-        one_run_only = [
+        spreading = [
             f
             for f, given in (
                 ("--jobs", args.jobs != 1),
@@ -383,8 +383,8 @@ def _convert(args: argparse.Namespace) -> int:
         ]
         if not args.run:
             raise ConvertError("no run given: name a run folder or checkpoint (several: --out-root DIR)")
-        if one_run_only:
-            raise ConvertError(f"{one_run_only[0]} spreads a migration: give the runs with --out-root DIR")
+        if spreading:
+            raise ConvertError(f"{spreading[0]} spreads a migration: give the runs with --out-root DIR")
     if batch and args.out is not None:
         raise ConvertError("--out names one export; with several runs use --out-root DIR (each run into DIR/<name>)")
     if batch and args.adapter_out is not None:

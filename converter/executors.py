@@ -99,12 +99,11 @@ def in_processes(tasks: Sequence[RunTask], jobs: int) -> list[RunResult]:
     left = dict(enumerate(tasks))
     for round_ in range(1, PROCESS_ROUNDS + 1):
         lost = _pool_round(context, left, min(jobs, len(left)), gpus, locks, results, len(tasks))
-        left = {i: tasks[i] for i in lost}
-        if not left:
+        left = {i: task for i, (task, _) in lost.items()}
+        if not lost or round_ == PROCESS_ROUNDS:
             break
-        if round_ < PROCESS_ROUNDS:
-            log.warning("a job's process ended; converting its %d unfinished runs again in new processes", len(left))
-    for i, (task, error) in lost.items() if left else ():
+        log.warning("a job's process ended; converting its %d unfinished runs again in new processes", len(left))
+    for i, (task, error) in lost.items():
         if task.debug:
             raise error
         results[i] = _lost(task, f"its process ended ({type(error).__name__}: {error}); convert it again")

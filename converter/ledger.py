@@ -79,31 +79,37 @@ def stamped(result: RunResult, shard: str = "") -> RunResult:
     return dataclasses.replace(result, host=socket.gethostname(), pid=os.getpid(), shard=shard, updated=_now())
 
 
+def _place(folder: Path, result: RunResult, replace: bool) -> None:
+    """Write the run's record beside its place, then move it in whole: replacing the one there, or only where there
+    is none (``replace`` False)."""
+    path = folder / f"{result.out.name}.json"
+    partial = folder / f".{result.out.name}.{os.getpid()}.tmp"
+    partial.write_text(json.dumps(result.record(), indent=2) + "\n")
+    try:
+        if replace:
+            os.replace(partial, path)
+        else:
+            os.link(partial, path)  # fails where a record is
+    except FileExistsError:
+        pass
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def write(out_root: Path, result: RunResult) -> None:
     """Replace the run's record atomically (a reader sees the old record or the new one, never a part)."""
     folder = _folder(out_root)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{result.out.name}.json"
-    partial = folder / f".{result.out.name}.{os.getpid()}.tmp"
-    partial.write_text(json.dumps(result.record(), indent=2) + "\n")
-    os.replace(partial, path)
+    _place(folder, result, replace=True)
 
 
 def add_pending(out_root: Path, pairs: Iterable[tuple[Path, Path]]) -> None:
-    """A ``pending`` record for each run that has none yet (linked into place whole, and only where no record is: one
+    """A ``pending`` record for each run that has none yet (moved into place whole, and only where no record is: one
     another process has written stays as it is)."""
     folder = _folder(out_root)
     folder.mkdir(parents=True, exist_ok=True)
     for run, out in pairs:
-        record = stamped(RunResult(Path(run).resolve(), Path(out).resolve(), PENDING)).record()
-        partial = folder / f".{Path(out).name}.{os.getpid()}.tmp"
-        partial.write_text(json.dumps(record, indent=2) + "\n")
-        try:
-            os.link(partial, folder / f"{Path(out).name}.json")  # whole, and only where there is no record
-        except FileExistsError:
-            pass
-        finally:
-            partial.unlink()
+        _place(folder, stamped(RunResult(Path(run).resolve(), Path(out).resolve(), PENDING)), replace=False)
 
 
 def _alive(result: RunResult) -> bool:

@@ -58,6 +58,22 @@ def exports(root: Path) -> dict[str, dict[str, str]]:
     return found
 
 
+def kill_when_converting(record: Path, proc: subprocess.Popen) -> int:
+    """SIGKILL the process that ``record`` (a run's ledger record) says is converting its run, as soon as it says
+    so; its pid."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            found = json.loads(record.read_text())
+        except (OSError, ValueError):  # not there yet, or the pending record being created
+            found = {}
+        if found.get("status") == "converting":
+            os.kill(found["pid"], signal.SIGKILL)
+            return found["pid"]
+        time.sleep(0.005)
+    raise AssertionError(f"{record.stem} was never seen converting")
+
+
 def statuses(capsys, root: Path) -> tuple[int, dict[str, str]]:
     code, stdout, _ = cli(capsys, "status", root, "--json")
     return code, {Path(r["out"]).name: r["status"] for r in json.loads(stdout)["runs"]}
@@ -280,18 +296,7 @@ def test_a_ray_task_whose_worker_is_lost_is_run_again(runs, sequential, ray_head
     record = root / ".ckpt2hf" / "runs" / "m0.json"
     argv = ("convert", *runs[:2], "--out-root", root, "--executor", "ray", "--ray-address", ray_head, "--no-verify")
     proc = command(*argv, "--quiet")
-    killed = None
-    deadline = time.monotonic() + 240
-    while killed is None and time.monotonic() < deadline and proc.poll() is None:
-        try:
-            found = json.loads(record.read_text())
-        except (OSError, ValueError):  # not there yet, or the pending record being created
-            found = {}
-        if found.get("status") == "converting":
-            killed = found["pid"]
-            os.kill(killed, signal.SIGKILL)
-        time.sleep(0.005)
-    assert killed is not None, "m0 was never seen converting"
+    killed = kill_when_converting(record, proc)
     code, stdout, stderr = finished(proc)
     assert code == 0, stderr
     assert stdout.splitlines()[-1] == "2 of 2 runs done (2 converted)"
@@ -307,18 +312,7 @@ def test_a_job_whose_process_is_killed_is_converted_again(runs, sequential, tmp_
     root = tmp_path / "jobs-lost"
     record = root / ".ckpt2hf" / "runs" / "m0.json"
     proc = command("convert", *runs[:3], "--out-root", root, "--jobs", "2", "--no-verify")
-    killed = None
-    deadline = time.monotonic() + 240
-    while killed is None and time.monotonic() < deadline and proc.poll() is None:
-        try:
-            found = json.loads(record.read_text())
-        except (OSError, ValueError):
-            found = {}
-        if found.get("status") == "converting":
-            killed = found["pid"]
-            os.kill(killed, signal.SIGKILL)
-        time.sleep(0.005)
-    assert killed is not None, "m0 was never seen converting"
+    killed = kill_when_converting(record, proc)
     code, stdout, stderr = finished(proc)
     assert code == 0, stderr
     assert "a job's process ended; converting its " in stderr
