@@ -36,11 +36,12 @@ PathLike = str | Path
 
 @dataclasses.dataclass(frozen=True)
 class Conversion:
-    """A finished conversion: the export folder and its manifest (``manifest.json`` as written, plus ``out``: what
-    ``ckpt2hf convert --json`` prints)."""
+    """A finished conversion: the export folder, its manifest (``manifest.json`` as written, plus ``out``) and the
+    seconds each stage took (``timings``); ``as_json()`` is what ``ckpt2hf convert --json`` prints."""
 
     out: Path
     manifest: dict[str, Any]
+    timings: dict[str, float] = dataclasses.field(default_factory=dict, compare=False)  # seconds per stage
 
     @property
     def components(self) -> dict[str, Path]:
@@ -60,7 +61,7 @@ class Conversion:
         return self.manifest["files"]
 
     def as_json(self) -> dict[str, Any]:
-        return self.manifest
+        return {**self.manifest, "timings": self.timings}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +183,7 @@ def convert(run: PathLike, out: PathLike | None = None, **options: Any) -> Conve
     if opts.dry_run:
         raise TypeError("convert(dry_run=True): use plan_conversion() for the plan alone")
     manifest = run_conversion(opts)
-    return Conversion(Path(manifest["out"]), manifest)
+    return Conversion(Path(manifest["out"]), manifest, manifest.pop("timings"))
 
 
 def plan_conversion(run: PathLike, out: PathLike | None = None, **options: Any) -> ConversionPlan:

@@ -12,11 +12,12 @@ import json
 import logging
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-from . import api
+from . import api, timings
 from .errors import ConvertError
 from .names import DEFER_BITSANDBYTES
 from .version import __version__
@@ -393,6 +394,7 @@ def _convert(args: argparse.Namespace) -> int:
         raise ConvertError("--dry-run plans one run; run it for each run on its own")
     if batch:
         return _convert_batch(args)
+    started = time.perf_counter() - timings.since_process_start()
     with contextlib.ExitStack() as held:
         if args.out is not None and not args.dry_run:  # at once, before the heavy imports
             refuse_existing(args.out, args.force)
@@ -400,7 +402,7 @@ def _convert(args: argparse.Namespace) -> int:
         from .pipeline import convert
 
         opts = _options(args, args.run[0], args.out)
-        result = convert(opts)
+        result = convert(opts, started=started)
     if args.json:
         print(json.dumps(result, indent=2))
     elif opts.dry_run:

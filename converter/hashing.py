@@ -20,6 +20,7 @@ import os
 import threading
 from pathlib import Path
 
+from . import timings
 from .errors import ConvertError
 
 
@@ -33,7 +34,7 @@ def sha256_file(path: Path, window: int = 8 << 20, stop: threading.Event | None 
     digest = hashlib.sha256()
     buffer = bytearray(window)
     view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as fh:
+    with timings.timed("hashing"), open(path, "rb", buffering=0) as fh:
         while True:
             n = fh.readinto(buffer)
             if not n:
@@ -107,7 +108,7 @@ class TrailingHash:
         while start < stop:
             base = start - start % granule
             length = min(stop, base + HASH_WINDOW) - base
-            with mmap.mmap(fd, length, prot=mmap.PROT_READ, offset=base) as mapped:
+            with timings.timed("hashing"), mmap.mmap(fd, length, prot=mmap.PROT_READ, offset=base) as mapped:
                 self._sha.update(memoryview(mapped)[start - base :])  # releases the GIL
             start = base + length
         return start

@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import precision
+from . import precision, timings
 from .engines import ENGINES
 from .errors import ConvertError
 from .hashing import take as take_source_hash
@@ -81,19 +82,36 @@ def plan_run(opts: ConvertOptions) -> tuple[Plan, Opened]:
         raise
 
 
-def convert(opts: ConvertOptions) -> dict[str, Any]:
-    """Convert ``opts.run`` into ``opts.out`` (default RUN/export) and return the manifest as a dict.
+def convert(opts: ConvertOptions, started: float | None = None) -> dict[str, Any]:
+    """Convert ``opts.run`` into ``opts.out`` (default RUN/export) and return the manifest as a dict, with ``out``
+    and ``timings`` (seconds per stage, see ``timings``; from ``started``, a ``perf_counter`` reading, if given).
 
     With ``dry_run`` nothing is read beyond metadata and nothing is written: the returned dict holds the plan. Bad
     input raises ConvertError; on any failure nothing is left at ``out`` (or the previous export stays, with
     ``force``).
     """
+    with timings.recording(started) as clock:
+        import_heavy_modules()
+        clock.add("importing", time.perf_counter() - clock.started)
+        result = _plan_and_convert(opts)
+        return result if opts.dry_run else {**result, "timings": clock.record()}
+
+
+def import_heavy_modules() -> None:
+    """Import what every conversion needs (PEFT, and transformers with it) now rather than on first use, so that
+    the time it takes is counted as importing, not as planning."""
+    import peft  # noqa: F401
+    import transformers.modeling_utils  # noqa: F401
+
+
+def _plan_and_convert(opts: ConvertOptions) -> dict[str, Any]:
     device = resolve_device(opts.device)
     if opts.out is not None and not opts.dry_run:
         refuse_existing(Path(opts.out), opts.force)  # before anything is read (checked again when writing)
     if opts.adapter_out is not None and not opts.dry_run:
         refuse_existing(Path(opts.adapter_out), opts.force)
-    plan, opened = plan_run(opts)
+    with timings.timed("planning"):
+        plan, opened = plan_run(opts)
     out = Path(opts.out) if opts.out else plan.inputs.run / "export"
     with plan.sources:
         if opts.dry_run:
@@ -111,7 +129,8 @@ def _convert(opts: ConvertOptions, plan: Plan, opened: Opened, out: Path, device
     # The full sha256 only when asked for (usually started by the CLI before the heavy imports).
     hasher = take_source_hash(plan.inputs.checkpoint) if opts.source_sha256 else None
     try:
-        plan = settle(plan)
+        with timings.timed("planning"):
+            plan = settle(plan)
         for part in plan.parts:
             if part.adapter is not None and part.adapter.comparison is not None:
                 require_agreement(
@@ -145,7 +164,8 @@ def _convert(opts: ConvertOptions, plan: Plan, opened: Opened, out: Path, device
                 verification = None
                 if opts.verify:
                     log.info("verifying %s", part.name)
-                    verification = written.verify(folder)
+                    with timings.timed("verifying"):
+                        verification = written.verify(folder)
                 if written.precision:
                     dtype = next(t.dtype for t in written.part.tensors if t.name in written.precision)
                     release["precision"] = precision.summarize(part.name, dtype, written.precision)

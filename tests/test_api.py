@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import tomllib
 
 import converter
+from converter.timings import STAGES, WAITS
 
 from helpers import REPO, cli
 
@@ -30,6 +32,8 @@ def test_a_release_script_plans_converts_verifies_and_inspects_with_the_api_alon
     lm = result.verification["language_model"]
     assert lm["max_abs_logit_diff"] <= lm["tolerance"]  # against the unmerged PEFT model's logits
     assert set(result.manifest["components"]["language_model"]["dtypes"]) == {"bfloat16"}
+    assert "timings" not in result.manifest and result.timings["verifying"] > 0
+    assert result.as_json() == {**result.manifest, "timings": result.timings}
 
     checked = converter.verify(out)
     assert isinstance(checked, converter.Verification) and checked.ok and checked.problems == ()
@@ -59,7 +63,13 @@ def test_the_json_output_is_the_api_results_data(pano_run, tmp_path, capsys):
     code, stdout, _ = cli(capsys, "convert", pano_run, "--out", out, "--no-verify", "--quiet", "--json")
     assert code == 0
     manifest = json.loads(stdout)
+    timings = manifest.pop("timings")
     assert manifest == {**json.loads((out / "manifest.json").read_text()), "out": str(out)}
+    assert set(timings) == {*STAGES, *WAITS, "total"}
+    # The stages that run on the converting thread, one after the other, fit in the wall time.
+    assert 0 < timings["importing"] + timings["planning"] + timings["merging"] <= timings["total"]
+    assert min(timings[s] for s in ("reading", "merging", "writing", "hashing")) > 0
+    assert timings["verifying"] == 0  # --no-verify
     assert json.loads(cli(capsys, "verify", out, "--json")[1]) == converter.verify(out).as_json()
     assert json.loads(cli(capsys, "inspect", pano_run, "--json")[1]) == json.loads(
         json.dumps(converter.inspect(pano_run).as_json())
@@ -101,3 +111,11 @@ def test_the_readme_documents_every_function_of_the_api():
     section = readme[readme.index("## Python API") : readme.index("## Converting a run")]
     functions = [n for n in converter.__all__ if n[0].islower() and not n.startswith("_")]
     assert [n for n in functions if f"converter.{n}(" not in section] == []
+
+
+def test_the_debug_log_says_where_the_time_went(pano_run, tmp_path, capsys, caplog):
+    caplog.set_level(logging.DEBUG, logger="converter.timings")
+    code, _, _ = cli(capsys, "convert", pano_run, "--out", tmp_path / "export", "--no-verify", "--debug")
+    assert code == 0
+    line = next(r.getMessage() for r in caplog.records if "seconds per stage:" in r.getMessage())
+    assert re.search(r"seconds per stage: importing [\d.]+, planning [\d.]+, reading [\d.]+, .* total [\d.]+$", line)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .. import policy, precision, verification
+from .. import policy, precision, timings, verification
 from ..errors import ConvertError, preview
 from ..peft import build_peft_model, merge_and_unload, shape_like_folder
 from ..plan import PartPlan
@@ -103,7 +103,8 @@ class FullEngine(Engine):
             reference = verification.model_outputs(model.get_base_model(), probe[0])
         bases = {u.module: model.get_submodule(u.path).get_base_layer() for u in adapter.units}
         sampled = {m: policy.sample(dict(b.named_parameters(recurse=False))) for m, b in bases.items()}
-        merged = merge_and_unload(model, self.progress, where)
+        with timings.timed("merging"):
+            merged = merge_and_unload(model, self.progress, where)
         state = dict(merged.state_dict())
         idle = []
         for unit in adapter.units:

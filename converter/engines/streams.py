@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .. import timings
 from ..hashing import TrailingHash
 from ..names import SAFETENSORS_METADATA, SHARD_PATTERN, WEIGHTS, WEIGHTS_INDEX
 from ..sources.pread import tensor_bytes
@@ -135,13 +136,14 @@ class SafetensorsStream:
                 try:
                     view = self._bytes(block)
                     done = 0
-                    while done < len(view):  # a write to a file may be short
-                        done += self._fh.write(view[done:])
-                    written += done
-                    self._hash.advance(written)
-                    if written - flushed >= WRITEBACK_STEP:
-                        _start_writeback(self._fh.fileno(), flushed, written - flushed)
-                        flushed = written
+                    with timings.timed("writing"):
+                        while done < len(view):  # a write to a file may be short
+                            done += self._fh.write(view[done:])
+                        written += done
+                        self._hash.advance(written)
+                        if written - flushed >= WRITEBACK_STEP:
+                            _start_writeback(self._fh.fileno(), flushed, written - flushed)
+                            flushed = written
                 except BaseException as exc:  # noqa: BLE001 - handed to the producing thread
                     self._error = exc
             self._budget.release(_nbytes(block))
@@ -150,15 +152,17 @@ class SafetensorsStream:
         self._hash.finish(failed=self._error is not None)
         if self._error is None:
             try:  # flush this file to disk now, while the next one is produced
-                self._fh.flush()
-                os.fsync(self._fh.fileno())
+                with timings.timed("writing"):
+                    self._fh.flush()
+                    os.fsync(self._fh.fileno())
             except BaseException as exc:  # noqa: BLE001
                 self._error = exc
 
     def _put(self, block: Any) -> None:
         if self._error is not None:
             raise self._error
-        self._budget.acquire(_nbytes(block))
+        with timings.timed("waiting_for_writes"):
+            self._budget.acquire(_nbytes(block))
         self._queue.put(block)
 
     def write(self, name: str, piece: torch.Tensor) -> None:
@@ -278,7 +282,8 @@ class ReadAhead:
         return self
 
     def __next__(self) -> Any:
-        kind, value = self._queue.get()
+        with timings.timed("waiting_for_reads"):
+            kind, value = self._queue.get()
         if kind == "error":
             raise value
         if kind == "end":

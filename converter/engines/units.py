@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .. import policy, precision
+from .. import policy, precision, timings
 from ..peft import MergeUnit, merge_unit, release
 from ..plan import PartPlan
 from ..sources import Sources
@@ -62,6 +62,16 @@ class UnitMerger:
     ) -> dict[str, torch.Tensor]:
         """Materialise, merge with PEFT, check and cast one unit; return its outputs (plain key -> tensor in the
         output dtype) and, into ``keep``, their float32 values before the cast."""
+        with timings.timed("merging"):
+            return self._merge(unit, inputs, dtypes, keep)
+
+    def _merge(
+        self,
+        unit: MergeUnit,
+        inputs: dict[str, torch.Tensor],
+        dtypes: dict[str, torch.dtype],
+        keep: dict[str, torch.Tensor] | None,
+    ) -> dict[str, torch.Tensor]:
         module = self._materialise(unit, inputs)
         base = module.get_base_layer()
         where = self.sources.path(unit.inputs[0][1])

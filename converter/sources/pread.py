@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .. import timings
 from ..errors import ConvertError
 
 CHUNK_BYTES = 8 << 20
@@ -178,11 +179,12 @@ class SpanReader:
         """Fill the contiguous CPU tensor ``out`` with the file's bytes from ``offset``."""
         view = tensor_bytes(out)
         fd, done = self._fd(path), 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise ConvertError(f"{path}: ends before the tensor data at byte {offset + done}; truncated")
-            done += n
+        with timings.timed("reading"):
+            while done < len(view):
+                n = os.preadv(fd, [view[done:]], offset + done)
+                if n <= 0:
+                    raise ConvertError(f"{path}: ends before the tensor data at byte {offset + done}; truncated")
+                done += n
 
     # --- buffers -------------------------------------------------------------------------------------------
     def lend(self, nbytes: int) -> torch.Tensor:
@@ -219,7 +221,8 @@ class SpanReader:
         if not self.claim(span, whole=True):
             self.check_record(span)
         elif check_now:
-            self.verify(span, zlib.crc32(tensor_bytes(tensor)))
+            with timings.timed("reading"):
+                self.verify(span, zlib.crc32(tensor_bytes(tensor)))
         else:
             self.crc_async(span, tensor, first=True, last=True)
         return tensor
@@ -273,7 +276,8 @@ class SpanReader:
 
         def step() -> None:
             try:
-                crc = zlib.crc32(tensor_bytes(piece), 0 if first else self._crc_state[key])
+                with timings.timed("reading"):
+                    crc = zlib.crc32(tensor_bytes(piece), 0 if first else self._crc_state[key])
                 if last:
                     self._crc_state.pop(key, None)
                     self.verify(span, crc)
@@ -293,13 +297,14 @@ class SpanReader:
         if r is None or not self.claim(span, whole=False):
             return
         crc, done = 0, 0
-        while done < r.nbytes:
-            n = min(self.chunk_bytes, r.nbytes - done)
-            buf = os.pread(self._fd(span.path), n, r.offset + done)
-            if len(buf) != n:
-                raise ConvertError(f"{span.path}: {r.name} is truncated")
-            crc = zlib.crc32(buf, crc)
-            done += n
+        with timings.timed("reading"):
+            while done < r.nbytes:
+                n = min(self.chunk_bytes, r.nbytes - done)
+                buf = os.pread(self._fd(span.path), n, r.offset + done)
+                if len(buf) != n:
+                    raise ConvertError(f"{span.path}: {r.name} is truncated")
+                crc = zlib.crc32(buf, crc)
+                done += n
         self.verify(span, crc)
 
     def verify(self, span: Span, crc: int) -> None:

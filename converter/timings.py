@@ -1,0 +1,104 @@
+"""Where a conversion's time went: seconds per stage, for ``convert --json`` and the debug log.
+
+The stages, in the order they begin:
+
+- ``importing``: torch, transformers and PEFT (from the process's start, for the command line);
+- ``planning``: opening the run (metadata only), the plan, settling what only data can tell;
+- ``reading``: reading the sources' tensor bytes and checking their CRC-32s;
+- ``merging``: merging units with PEFT on the merge device, and the casts to the output dtypes;
+- ``writing``: writing the safetensors files and flushing them to disk;
+- ``hashing``: the sha256 of every file written (and of the source with ``--source-sha256``);
+- ``verifying``: the checks against the unmerged model and of what was written.
+
+Reading, writing and hashing run on threads of their own beside the converting thread, so the stages overlap: each
+figure is the seconds that stage was busy (summed over its threads), and together they add up to more than
+``total``, the wall time. ``waiting_for_reads`` and ``waiting_for_writes`` are the converting thread's seconds spent
+waiting for the read-ahead and for the writer: the stage it waited for is the one that bounds the conversion.
+
+One conversion at a time per process records (``recording``); outside one, ``timed`` and ``add`` cost a clock read
+and record nothing. This module must not import torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+log = logging.getLogger(__name__)
+
+STAGES = ("importing", "planning", "reading", "merging", "writing", "hashing", "verifying")
+WAITS = ("waiting_for_reads", "waiting_for_writes")
+
+
+class Timings:
+    """Seconds per stage of one conversion (thread-safe)."""
+
+    def __init__(self, started: float | None = None) -> None:
+        self.started = time.perf_counter() if started is None else started
+        self.seconds = dict.fromkeys((*STAGES, *WAITS), 0.0)
+        self._lock = threading.Lock()
+
+    def add(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[stage] += seconds
+
+    def record(self) -> dict[str, float]:
+        """Each stage's seconds, then ``total`` (wall seconds since ``started``), rounded to milliseconds."""
+        with self._lock:
+            figures = {stage: round(s, 3) for stage, s in self.seconds.items()}
+        figures["total"] = round(time.perf_counter() - self.started, 3)
+        return figures
+
+
+_current: Timings | None = None
+
+
+def add(stage: str, seconds: float) -> None:
+    """Count ``seconds`` to ``stage`` of the conversion recording now (none: nothing)."""
+    current = _current
+    if current is not None:
+        current.add(stage, seconds)
+
+
+@contextlib.contextmanager
+def timed(stage: str) -> Iterator[None]:
+    """Count the wall time of the block to ``stage``."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        add(stage, time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def recording(started: float | None = None, importing: float = 0.0) -> Iterator[Timings]:
+    """Record the stages of the conversion run inside the block (``started``: when it began, by ``perf_counter``;
+    ``importing``: seconds spent importing before it); the debug log gets the figures at the end."""
+    global _current
+    previous, _current = _current, Timings(started)
+    _current.add("importing", importing)
+    try:
+        yield _current
+    finally:
+        timings, _current = _current, previous
+        log.debug("seconds per stage: %s", ", ".join(f"{k} {v:.2f}" for k, v in timings.record().items()))
+
+
+def since_process_start() -> float:
+    """Seconds since this process started (Linux: from /proc; elsewhere since this module was imported)."""
+    try:
+        with open("/proc/self/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        ticks = int(fields[19])  # starttime: clock ticks after boot (field 22, counted after the comm field)
+        with open("/proc/uptime", "rb") as fh:
+            uptime = float(fh.read().split()[0])
+        return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _IMPORTED
+
+
+_IMPORTED = time.perf_counter()
