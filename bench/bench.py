@@ -87,7 +87,10 @@ print(f"{(256 << 20) / (time.perf_counter() - started) / 1e6:.0f}")
 
 SHA256_MODES = {"native": {}, "generic": {"OPENSSL_ia32cap": "0:0"}}
 
-IMPORTS = "import torch, peft, transformers.models.qwen3.modeling_qwen3"
+# What a conversion imports before it reads a tensor (bitsandbytes marked unavailable, as the command line does).
+IMPORTS = (
+    "import sys; sys.modules['bitsandbytes'] = None; import converter.preload, transformers.models.qwen3.modeling_qwen3"
+)
 
 PEFT_PATH = """
 import os, sys, torch
@@ -157,9 +160,10 @@ def build(shape: str, cache: Path, accelerator: str, dtype: str) -> Path:
     return run
 
 
-def measure(cmd: list[str], env: dict[str, str]) -> tuple[float, int, float | None]:
-    """Wall seconds, peak RSS bytes and the time the child reports itself (``inner_s=`` on stdout, else None) of
-    one child process; a failure stops the benchmark."""
+def measure(cmd: list[str], env: dict[str, str]) -> tuple[float, int, float | None, dict[str, float]]:
+    """Wall seconds, peak RSS bytes, the time the child reports itself (``inner_s=`` on stdout, else None) and the
+    seconds per stage a conversion reports (``convert --json``'s ``timings``, else empty) of one child process; a
+    failure stops the benchmark."""
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, text=True)
     out = proc.stdout.read()
@@ -168,7 +172,8 @@ def measure(cmd: list[str], env: dict[str, str]) -> tuple[float, int, float | No
     if status != 0:
         raise SystemExit(f"benchmark command failed ({status}): {' '.join(cmd)}")
     inner = next((float(line[8:]) for line in out.splitlines() if line.startswith("inner_s=")), None)
-    return wall, usage.ru_maxrss * 1024, inner
+    stages = json.loads(out).get("timings", {}) if out.lstrip().startswith("{") else {}
+    return wall, usage.ru_maxrss * 1024, inner, stages
 
 
 def folder_bytes(path: Path) -> int:
@@ -221,7 +226,19 @@ def run_shape(shape: str, args: argparse.Namespace, env: dict[str, str], sha256:
             check=True,
         )
     dest = args.cache / shape / "dest"
-    convert = [py, "-m", "converter", "convert", str(run), "--out", str(dest), "--quiet", "--device", args.device]
+    convert = [
+        py,
+        "-m",
+        "converter",
+        "convert",
+        str(run),
+        "--out",
+        str(dest),
+        "--json",
+        "--quiet",
+        "--device",
+        args.device,
+    ]
     contenders = {
         "floor (durable copy of the export)": [py, "-c", FLOOR, str(ref), str(dest)],
         # --source-sha256 records the checkpoint's sha256: one sequential pass over every byte, on one core.
@@ -237,7 +254,7 @@ def run_shape(shape: str, args: argparse.Namespace, env: dict[str, str], sha256:
                                                            "streaming"],
     }  # fmt: skip
     if args.also_cpu and args.device != "cpu":
-        cpu = [py, "-m", "converter", "convert", str(run), "--out", str(dest), "--quiet", "--device", "cpu"]
+        cpu = [py, "-m", "converter", "convert", str(run), "--out", str(dest), "--json", "--quiet", "--device", "cpu"]
         contenders["convert --no-verify, streaming, merge on the CPU"] = [*cpu, "--no-verify", "--engine", "streaming"]
     if args.peft and (args.cache / shape / "bases" / "language_model" / "config.json").is_file():
         base = args.cache / shape / "bases" / "language_model"
@@ -251,12 +268,16 @@ def run_shape(shape: str, args: argparse.Namespace, env: dict[str, str], sha256:
         ]
     skip = set(args.skip or [])
     contenders = {k: v for k, v in contenders.items() if not any(s in k for s in skip)}
-    results: dict[str, dict] = {name: {"wall_s": [], "peak_rss_bytes": [], "inner_s": []} for name in contenders}
+    results: dict[str, dict] = {
+        name: {"wall_s": [], "peak_rss_bytes": [], "inner_s": [], "stages": []} for name in contenders
+    }
     for rep in range(args.reps):
         for name, cmd in contenders.items():
             shutil.rmtree(dest, ignore_errors=True)
             subprocess.run(["sync"], check=False)
-            wall, rss, inner = measure(cmd, env)
+            wall, rss, inner, stages = measure(cmd, env)
+            if stages:
+                results[name]["stages"].append(stages)
             results[name]["wall_s"].append(wall)
             results[name]["peak_rss_bytes"].append(rss)
             if inner is not None:
@@ -286,6 +307,9 @@ def run_shape(shape: str, args: argparse.Namespace, env: dict[str, str], sha256:
             "vs_floor": wall / floor,
             "vs_peft_path": wall / peft if peft else None,
             "rss_vs_export_bytes": rss / export_bytes,
+            "median_stage_s": {k: statistics.median(s[k] for s in r["stages"]) for k in r["stages"][0]}
+            if r["stages"]
+            else None,
             "runs": r,
         }
     return {
@@ -343,6 +367,50 @@ def table(results: list[dict]) -> str:
                 f"| {c['median_peak_rss_bytes'] / 1e9:.2f} GB | {c['rss_vs_export_bytes']:.2f} |"
             )
     return "\n".join(lines)
+
+
+def stage_table(results: list[dict]) -> str:
+    """Where a conversion's time went: the median seconds per stage that ``convert --json`` reports, per contender.
+
+    The stages run on several threads at once (reading ahead, merging, writing, hashing behind the writer), so they
+    add up to more than the wall time; ``waiting for ...`` is the converting thread's time blocked on a neighbour.
+    """
+    from converter.timings import STAGES, WAITS
+
+    keys = (*STAGES, *WAITS)
+    lines = [
+        "| shape (sha256 mode) | contender | wall | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
+        "|---|---|" + "---:|" * (len(keys) + 1),
+    ]
+    for shape in results:
+        for name, c in shape["contenders"].items():
+            stages = c.get("median_stage_s")
+            if stages:
+                cells = " | ".join(f"{stages.get(k, 0.0):.1f}" for k in keys)
+                lines.append(
+                    f"| {shape['shape']} ({shape['sha256_mode']}) | {name} | {c['median_wall_s']:.1f} | {cells} |"
+                )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def cost_growth(results: list[dict]) -> str:
+    """Seconds per GB of export of ``convert --no-verify, streaming`` across the shapes measured."""
+    lines = [
+        "| shape (sha256 mode) | export | convert --no-verify | s per GB | floor s per GB |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for shape in results:
+        c = shape["contenders"].get("convert --no-verify, streaming")
+        floor = shape["contenders"].get("floor (durable copy of the export)")
+        if c is None:
+            continue
+        gb = shape["export_bytes"] / 1e9
+        per_floor = f"{floor['median_wall_s'] / gb:.2f}" if floor else "-"
+        lines.append(
+            f"| {shape['shape']} ({shape['sha256_mode']}) | {gb:.2f} GB | {c['median_wall_s']:.1f} s "
+            f"| {c['median_wall_s'] / gb:.2f} | {per_floor} |"
+        )
+    return "\n".join(lines) if len(results) > 1 else ""
 
 
 TUNER_CONTENDERS = (
@@ -420,6 +488,9 @@ def main() -> None:
     parser.add_argument("--also-cpu", action="store_true", help="with --device cuda: also time the merge on the CPU")
     parser.add_argument("--skip", nargs="*", help="skip contenders whose name contains this")
     parser.add_argument("--cache", type=Path, default=HERE / "cache")
+    parser.add_argument(
+        "--discard-runs", action="store_true", help="delete each shape's cached run once measured (disk space)"
+    )
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument("--build", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -433,9 +504,20 @@ def main() -> None:
         build(args.build, args.cache, args.build_accelerator, args.dtype)
         return
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    results = [run_shape(shape, args, env, mode) for shape in args.shapes for mode in args.sha256]
+    results: list[dict] = []
+    for shape in args.shapes:
+        for mode in args.sha256:
+            results.append(run_shape(shape, args, env, mode))
+            report(results, args)  # after each shape: a run cut short keeps what it measured
+        if args.discard_runs:
+            shutil.rmtree(args.cache / shape, ignore_errors=True)
+    print(report(results, args, chart_too=True))
+
+
+def report(results: list[dict], args: argparse.Namespace, chart_too: bool = False) -> str:
+    """Write results[-device].json and .md (and the chart) into ``args.out``; return the tables."""
     ratios = tuner_ratios(results)
-    report = {
+    record = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine(args.device),
         "reps": args.reps,
@@ -444,11 +526,19 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     name = "results" if args.device == "cpu" else f"results-{args.device}"
-    (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    text = table(results) + (f"\n\n{tuner_table(ratios)}" if ratios else "")
+    (args.out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    text = "\n\n".join(
+        t
+        for t in (table(results), stage_table(results), cost_growth(results), tuner_table(ratios) if ratios else "")
+        if t
+    )
     (args.out / f"{name}.md").write_text(text + "\n")
-    chart(results, args.out / f"{name}.png")
-    print(text)
+    if chart_too:
+        try:
+            chart(results, args.out / f"{name}.png")
+        except ModuleNotFoundError:  # the bench extra (matplotlib) is not installed: the tables are enough
+            print("matplotlib is not installed (pip install '.[bench]'): no chart", file=sys.stderr)
+    return text
 
 
 if __name__ == "__main__":

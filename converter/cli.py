@@ -240,16 +240,21 @@ def _print_result(manifest: dict[str, Any]) -> None:
         print(f"  {name:<16} {comp['path'] + '/':<18} {comp['tensors']:>6} tensors  {'; '.join(figures)}")
 
 
-def _prefetch_source_hash(args: argparse.Namespace) -> None:
-    """Start hashing the checkpoint now: it runs on another core while torch, transformers and PEFT import."""
+def _prefetch(args: argparse.Namespace) -> None:
+    """Start reading the run's files into the page cache now, and hashing the checkpoint if asked: both run on other
+    cores while torch, transformers and PEFT import (``prefetch``, ``hashing.prefetch``)."""
+    from . import prefetch
     from .discover import find_inputs
-    from .hashing import prefetch
+    from .hashing import prefetch as prefetch_hash
 
     try:
         inputs = find_inputs(args.run[0], args.ckpt, args.adapter_dir)
     except ConvertError:
         return  # convert() reports it
-    prefetch(inputs.checkpoint)
+    prefetch.start([inputs.checkpoint, *([inputs.adapter_root] if inputs.adapter_root else []),
+                    *(Path(path) for _, path in args.base)])  # fmt: skip
+    if args.source_sha256:
+        prefetch_hash(inputs.checkpoint)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,9 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(args)
     finally:
+        from . import prefetch
         from .hashing import cancel_prefetched
 
         cancel_prefetched()
+        prefetch.stop_all()
         gc.enable()
 
 
@@ -293,8 +300,8 @@ def run() -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    if args.command == "convert" and not args.dry_run and args.source_sha256 and len(args.run) == 1:
-        _prefetch_source_hash(args)
+    if args.command == "convert" and not args.dry_run and len(args.run) == 1:
+        _prefetch(args)
     _setup_logging(args.quiet, args.debug)
     try:
         if args.command == "verify":

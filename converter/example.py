@@ -310,7 +310,7 @@ def build_run(
     run_dir = root / "runs" / spec.name
     lightning.seed_everything(spec.seed, verbose=False)
     # A large run on a GPU is initialised there (the Trainer would move it anyway).
-    with torch.device("cuda") if spec.accelerator == "gpu" else contextlib.nullcontext():
+    with torch.device("cuda") if spec.accelerator in ("gpu", "cuda") else contextlib.nullcontext():
         module = make_module(vision_dir, lm_dir) if make_module else _panorama_module(spec, vision_dir, lm_dir)
     vision_config = json.loads((vision_dir / "config.json").read_text())
     vocab = json.loads((lm_dir / "config.json").read_text())["vocab_size"]

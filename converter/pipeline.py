@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from . import precision, timings
+from . import precision, prefetch, timings
 from .engines import ENGINES
 from .errors import ConvertError
 from .hashing import take as take_source_hash
@@ -112,6 +112,7 @@ def _plan_and_convert(opts: ConvertOptions) -> dict[str, Any]:
         refuse_existing(Path(opts.adapter_out), opts.force)
     with timings.timed("planning"):
         plan, opened = plan_run(opts)
+    prefetch.stop_all(wait=False)  # planned: from here the engine's reads, in its order, take the disk
     out = Path(opts.out) if opts.out else plan.inputs.run / "export"
     with plan.sources:
         if opts.dry_run:

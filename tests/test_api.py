@@ -119,3 +119,34 @@ def test_the_debug_log_says_where_the_time_went(pano_run, tmp_path, capsys, capl
     assert code == 0
     line = next(r.getMessage() for r in caplog.records if "seconds per stage:" in r.getMessage())
     assert re.search(r"seconds per stage: importing [\d.]+, planning [\d.]+, reading [\d.]+, .* total [\d.]+$", line)
+
+
+def test_the_command_line_reads_the_run_ahead_while_it_imports(pano_run, tmp_path, capsys, caplog):
+    """Before the heavy imports the CLI asks the kernel to read the checkpoint and the adapter's weights (all of
+    them: the budget is half the memory available) and stops asking once the conversion has planned."""
+    from converter import prefetch
+
+    ckpt = pano_run / "checkpoints" / "last.ckpt"
+    files = prefetch.weight_files([ckpt, pano_run / "lora_weights"])
+    assert files == [ckpt, pano_run / "lora_weights" / "adapter_model.safetensors"]
+    total = sum(f.stat().st_size for f in files)
+    caplog.set_level(logging.DEBUG, logger="converter.prefetch")
+    code, _, _ = cli(capsys, "convert", pano_run, "--out", tmp_path / "export", "--no-verify", "--quiet")
+    assert code == 0
+    said = [r.getMessage() for r in caplog.records if r.name == "converter.prefetch"]
+    assert len(said) == 1 and said[0].startswith(f"prefetch: asked the kernel to read {total / 1e9:.2f} GB of 2 files")
+    assert not prefetch._started  # the command's end waited for it
+
+
+def test_a_prefetch_asks_for_no_more_than_its_budget(pano_run):
+    from converter import prefetch
+
+    files = prefetch.weight_files([pano_run / "checkpoints", pano_run / "lora_weights"])
+    total = sum(f.stat().st_size for f in files)
+    for budget, asked in ((total + 1, total), (total // 3, total // 3), (0, 0)):
+        run = prefetch.Prefetch(files, budget)
+        run.wait()
+        assert run.asked == asked
+    stopped = prefetch.Prefetch(files, total)
+    stopped.stop()  # at once: the thread ends after the request in hand
+    assert not stopped._thread.is_alive()

@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 import zipfile
@@ -318,6 +319,60 @@ def test_nan_from_the_merge(run_copy, tmp_path, capsys, engine):
     _edit_checkpoint(run_copy, lambda c: c["state_dict"][key].__setitem__((0, 0), float("nan")))
     line = refused(capsys, run_copy, tmp_path, "--lora-from", "checkpoint", "--engine", engine)
     assert "model.layers.0.self_attn.o_proj.weight holds 32 NaN/Inf values after the merge" in line
+
+
+# --- the streaming engine's threads: a failure in any stage stops them all --------------------------------------
+def _pipeline_threads() -> set[int]:
+    """The ckpt2hf threads alive now (read-ahead, CRC-32 lanes, writers, hashers, prefetch)."""
+    return {t.ident for t in threading.enumerate() if t.name.startswith("ckpt2hf-") and t.is_alive()}
+
+
+MERGED_BASE = "model.language_model.base_model.model.model.layers.1.mlp.up_proj.base_layer.weight"
+LORA_B = "model.language_model.base_model.model.model.layers.0.self_attn.o_proj.lora_B.default.weight"
+
+
+@pytest.mark.parametrize("stage", ["reader", "merge"])
+def test_a_failing_stage_of_the_stream_stops_the_conversion(stage, run_copy, tmp_path, capsys):
+    """The read-ahead thread's read of a merged layer (its CRC-32 fails) or the converting thread's merge (NaN):
+    one line, nothing written, and no thread of the pipeline left running."""
+    if stage == "reader":
+        from converter.sources import SpanReader, open_checkpoint
+
+        with SpanReader() as reader:
+            span = open_checkpoint(_ckpt(run_copy), reader).source.spans[MERGED_BASE]
+        _flip(_ckpt(run_copy), span.offset + span.nbytes // 2)
+        expected = "fails its CRC-32 check (stored "
+    else:
+        _edit_checkpoint(run_copy, lambda c: c["state_dict"][LORA_B].__setitem__((0, 0), float("nan")))
+        expected = "model.layers.0.self_attn.o_proj.weight holds 32 NaN/Inf values after the merge"
+    before = _pipeline_threads()
+    line = refused(capsys, run_copy, tmp_path, "--engine", "streaming", "--lora-from", "checkpoint")
+    assert expected in line
+    assert _pipeline_threads() <= before
+
+
+# A child that may write files of at most 64 KiB (SIGXFSZ ignored, so that write() fails with EFBIG instead).
+SMALL_FILES = (
+    "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+    "resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, resource.RLIM_INFINITY)); "
+    "from converter.cli import run; run()"
+)
+
+
+def test_a_failing_writer_thread_stops_the_conversion(run_copy, tmp_path):
+    """The writer thread's write fails (the file would outgrow the process's limit): one line naming the export,
+    exit 2, nothing at OUT, no staging folder, the sources untouched."""
+    out, before = tmp_path / "out", tree_digest(run_copy)
+    argv = ["convert", str(run_copy), "--out", str(out), "--engine", "streaming", "--quiet"]
+    done = subprocess.run([sys.executable, "-c", SMALL_FILES, *argv], capture_output=True, text=True, cwd=REPO)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0] == (
+        f"ckpt2hf: error: {out}: writing the export failed (File too large); nothing was written; free space or "
+        "choose another --out"
+    )
+    assert done.stdout == "" and not out.exists() and no_stage_left(tmp_path)
+    assert tree_digest(run_copy) == before
 
 
 @pytest.mark.parametrize(

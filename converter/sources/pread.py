@@ -23,6 +23,9 @@ from ..errors import ConvertError
 
 CHUNK_BYTES = 8 << 20
 POOL_BYTES = 128 << 20
+# Threads that check CRC-32s (about 1-3 GB/s each with zlib): one record's pieces are folded in order on one of
+# them, consecutive records on different ones, so that the checks keep up with reads from the page cache.
+CRC_LANES = max(1, min(4, os.cpu_count() or 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,16 +147,20 @@ class SpanReader:
         self._fds: dict[Path, int] = {}
         self.pool = BufferPool(chunk_bytes, pool_bytes)
         self._lock = threading.Lock()
-        # CRC-32s run on a worker thread, in submission order; wait_crc() collects the verdicts.
-        self._crc_worker: ThreadPoolExecutor | None = None
+        # CRC-32s run on worker threads ("lanes"): a record's pieces in submission order on the lane it was given
+        # at its first piece; wait_crc() collects the verdicts.
+        self._crc_lanes: list[ThreadPoolExecutor] = []
+        self._crc_next = 0
+        self._crc_lane_of: dict[tuple[Path, int], ThreadPoolExecutor] = {}
         self._crc_state: dict[tuple[Path, int], int] = {}
         self._crc_pending: list[Future] = []
         self._claimed: set[tuple[Path, int]] = set()  # (file, record offset): records checked or being checked
 
     def close(self) -> None:
-        if self._crc_worker is not None:
-            self._crc_worker.shutdown(wait=True, cancel_futures=True)
-            self._crc_worker = None
+        for lane in self._crc_lanes:
+            lane.shutdown(wait=True, cancel_futures=True)
+        self._crc_lanes.clear()
+        self._crc_lane_of.clear()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -270,7 +277,8 @@ class SpanReader:
         return True
 
     def crc_async(self, span: Span, piece: torch.Tensor, first: bool, last: bool) -> None:
-        """Fold ``piece`` into its record's CRC-32 on the worker thread; check the record after its last piece."""
+        """Fold ``piece`` into its record's CRC-32 on a worker thread; check the record after its last piece. The
+        pieces of one record must come from one thread, in order (``chunks`` and ``read`` do so)."""
         key = (span.path, span.record.offset)
         self.pool.hold(piece)
 
@@ -286,9 +294,22 @@ class SpanReader:
             finally:
                 self.release(piece)
 
-        if self._crc_worker is None:
-            self._crc_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt2hf-crc")
-        self._crc_pending.append(self._crc_worker.submit(step))
+        self._crc_pending.append(self._lane(key, first, last).submit(step))
+
+    def _lane(self, key: tuple[Path, int], first: bool, last: bool) -> ThreadPoolExecutor:
+        """The worker that folds the record's pieces: the next lane in turn at its first piece, the same after."""
+        with self._lock:
+            lane = self._crc_lane_of.get(key) if not first else None
+            if lane is None:
+                if len(self._crc_lanes) < CRC_LANES:
+                    self._crc_lanes.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt2hf-crc"))
+                lane = self._crc_lanes[self._crc_next % len(self._crc_lanes)]
+                self._crc_next += 1
+            if last:
+                self._crc_lane_of.pop(key, None)
+            else:
+                self._crc_lane_of[key] = lane
+            return lane
 
     def check_record(self, span: Span) -> None:
         """CRC-32 of the span's whole record, read in chunks (for tensors that share a record or cover part of it);
