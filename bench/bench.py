@@ -29,6 +29,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
+from converter.names import BUFFERED_WRITES  # noqa: E402 - torch-free
+
 SHAPES = {
     "smoke": {"layers": 2, "hidden": 64, "intermediate": 128, "heads": 4, "kv_heads": 2, "head_dim": 16, "vocab": 1000},
     # Qwen3-0.6B: 28 layers, hidden 1024, intermediate 3072, 16 heads, 8 KV heads, head_dim 128, vocab 151936, tied
@@ -253,6 +255,10 @@ def run_shape(shape: str, args: argparse.Namespace, env: dict[str, str], sha256:
         "convert --no-verify --source-sha256, streaming": [*convert, "--no-verify", "--source-sha256", "--engine",
                                                            "streaming"],
     }  # fmt: skip
+    if args.also_buffered:  # the same conversion writing through the page cache instead of O_DIRECT
+        contenders["convert --no-verify, streaming, buffered writes"] = [
+            "env", f"{BUFFERED_WRITES}=1", *convert, "--no-verify", "--engine", "streaming"
+        ]  # fmt: skip
     if args.also_cpu and args.device != "cpu":
         cpu = [py, "-m", "converter", "convert", str(run), "--out", str(dest), "--json", "--quiet", "--device", "cpu"]
         contenders["convert --no-verify, streaming, merge on the CPU"] = [*cpu, "--no-verify", "--engine", "streaming"]
@@ -485,6 +491,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--no-peft", dest="peft", action="store_false")
     parser.add_argument("--sha256", nargs="+", default=["native", "generic"], choices=list(SHA256_MODES))
+    parser.add_argument("--also-buffered", action="store_true", help="also time writes through the page cache")
     parser.add_argument("--also-cpu", action="store_true", help="with --device cuda: also time the merge on the CPU")
     parser.add_argument("--skip", nargs="*", help="skip contenders whose name contains this")
     parser.add_argument("--cache", type=Path, default=HERE / "cache")

@@ -1,7 +1,7 @@
 """Every sha256 ckpt2hf computes, in one place: of the files it writes, and of the source checkpoint.
 
-- Written files: each safetensors file is hashed as it is written, by a ``TrailingHash`` that follows its writer
-  through the page cache (the engines' streams start one per file); any other file of an export (configs,
+- Written files: each safetensors file is hashed as it is written, by a ``BufferHash`` that hashes the blocks its
+  writer hands to the disk (the engines' streams start one per file); any other file of an export (configs,
   tokenizer, model card) by ``sha256_file`` when the manifest lists it. ``ckpt2hf verify`` checks them all.
 - The source checkpoint: identified by its zip records by default (``identity``); its full sha256 only with
   ``--source-sha256``. Hashing a multi-GB checkpoint is CPU-bound (about 1.3 GB/s with SHA extensions, 0.38 GB/s
@@ -15,9 +15,10 @@ This module must not import torch.
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
+import queue
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from . import timings
@@ -45,75 +46,46 @@ def sha256_file(path: Path, window: int = 8 << 20, stop: threading.Event | None 
     return digest.hexdigest()
 
 
-HASH_WINDOW = 16 << 20  # bytes of the written file a hasher maps at a time
-# At most this many files are hashed at once (a finished shard's hasher runs on while the next shard is written).
-_HASHERS = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
+class BufferHash:
+    """sha256 of a file's bytes as its writer hands them to the disk, computed on a thread of its own.
 
-
-class TrailingHash:
-    """sha256 of a file as it is being written, read back from the page cache behind the writer.
-
-    The writer reports how far the file is written (``advance``); the hasher maps each newly written window and
-    hashes it on its own thread, so that neither the producer nor the writer waits for the hash (a core without SHA
-    extensions hashes at about 0.38 GB/s, slower than the rest of the pipeline), and the buffers written go back at
-    once. Several files' hashers run at the same time, up to the number of cores.
+    The writer hands over each block it has written (``update(block, done)``, in file order); the hasher hashes it
+    and calls ``done()`` (which gives the block back to the writer's pool), so that neither the producer nor the
+    writer waits for the hash (a core without SHA extensions hashes at about 0.38 GB/s, slower than the rest of the
+    pipeline). A finished file's hasher runs on while the next file is written: the shards of a large export are
+    hashed in parallel.
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, name: str) -> None:
+        self.name = name
         self._sha = hashlib.sha256()
-        self._written = 0
-        self._done = False
-        self._failed = False
-        self._cond = threading.Condition()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="ckpt2hf-hash", daemon=True)
         self._thread.start()
 
-    def advance(self, written: int) -> None:
-        with self._cond:
-            self._written = written
-            self._cond.notify()
+    def update(self, block: memoryview, done: Callable[[], None]) -> None:
+        """Hash ``block`` next (it must stay unchanged until ``done`` is called, on the hasher's thread)."""
+        self._queue.put((block, done))
 
-    def finish(self, failed: bool = False) -> None:
-        """The writer is done (``failed``: it stopped early; the hasher stops too)."""
-        with self._cond:
-            self._done, self._failed = True, failed
-            self._cond.notify()
-
-    def _ready(self, hashed: int) -> tuple[int, bool]:
-        """Bytes written and whether writing is over, once a full window (or the end) is there to hash."""
-        with self._cond:
-            while not self._done and self._written - hashed < HASH_WINDOW:
-                self._cond.wait()
-            return self._written, self._done
+    def finish(self) -> None:
+        """No more blocks."""
+        self._queue.put(None)
 
     def _run(self) -> None:
-        hashed = 0
-        try:
-            with _HASHERS, open(self.path, "rb", buffering=0) as fh:
-                while True:
-                    written, done = self._ready(hashed)
-                    if self._failed:
-                        return
-                    hashed = self._hash_range(fh.fileno(), hashed, written)
-                    if done and hashed >= written:
-                        return
-        except BaseException as exc:  # noqa: BLE001 - raised by result()
-            self._error = exc
-
-    def _hash_range(self, fd: int, start: int, stop: int) -> int:
-        """Hash bytes ``start:stop`` of the file through read-only mappings (the pages the writer just filled)."""
-        granule = mmap.ALLOCATIONGRANULARITY
-        while start < stop:
-            base = start - start % granule
-            length = min(stop, base + HASH_WINDOW) - base
-            with timings.timed("hashing"), mmap.mmap(fd, length, prot=mmap.PROT_READ, offset=base) as mapped:
-                self._sha.update(memoryview(mapped)[start - base :])  # releases the GIL
-            start = base + length
-        return start
+        while (item := self._queue.get()) is not None:
+            block, done = item
+            try:
+                if self._error is None:
+                    with timings.timed("hashing"):
+                        self._sha.update(block)  # releases the GIL
+            except BaseException as exc:  # noqa: BLE001 - raised by result()
+                self._error = exc
+            finally:
+                done()
 
     def result(self) -> str:
+        """The hex digest, once every block handed over is hashed (call ``finish`` first)."""
         self._thread.join()
         if self._error is not None:
             raise self._error

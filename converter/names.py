@@ -47,4 +47,6 @@ ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 CHECKPOINT = "checkpoint"
 ADAPTER = "adapter"
 
+# "1": write every file through the page cache, not with O_DIRECT (engines/streams.py; the bench compares both)
+BUFFERED_WRITES = "CKPT2HF_BUFFERED_WRITES"
 DEFER_BITSANDBYTES = "CKPT2HF_DEFER_BITSANDBYTES"  # "1": the command line marked bitsandbytes unavailable (cli.py)

@@ -1,5 +1,5 @@
-"""The source checkpoint's sha256 (``--source-sha256``): windowed hashing, and the hash the CLI starts before the
-heavy imports."""
+"""sha256: of the source checkpoint (``--source-sha256``: windowed hashing, and the hash the CLI starts before the
+heavy imports), and of the files the safetensors stream writes."""
 
 from __future__ import annotations
 
@@ -70,3 +70,34 @@ def test_a_failed_cli_convert_leaves_no_hashing_thread(causal_lm_run, tmp_path, 
     assert seen, "the CLI started no hash of the checkpoint"
     assert not seen[0].is_alive()
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("buffered", [False, True])
+def test_a_stream_writes_and_hashes_the_same_bytes_direct_or_buffered(tmp_path, monkeypatch, buffered):
+    """Tensors across the edges of the staging buffers and of direct I/O's blocks, and a last partial block: the
+    file holds them exactly, and the digest the stream returns is the file's."""
+    import torch
+    from safetensors.torch import load_file
+
+    from converter.engines import streams
+    from converter.names import BUFFERED_WRITES
+
+    monkeypatch.setenv(BUFFERED_WRITES, "1" if buffered else "0")
+    monkeypatch.setattr(streams, "STAGE_BYTES", 4 * streams.DIRECT_ALIGN)  # small buffers: many edges
+    sizes = [1, streams.DIRECT_ALIGN - 3, 4 * streams.DIRECT_ALIGN, 9 * streams.DIRECT_ALIGN + 5, 0, 77]
+    gen = torch.Generator().manual_seed(0)
+    tensors = {f"t{i}": torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen) for i, n in enumerate(sizes)}
+    path = tmp_path / "model.safetensors"
+    entries = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    stream = streams.SafetensorsStream(path, entries, {"format": "pt"})
+    if buffered:
+        assert not stream._file.direct
+    for name, tensor in tensors.items():
+        half = tensor.numel() // 2
+        for piece in (tensor[:half], tensor[half:]) if half else (tensor,):  # in pieces, as the engines write rows
+            stream.write(name, piece)
+    stream.finish()
+    digest = stream.close()
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    loaded = load_file(path)
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], v) for k, v in tensors.items())

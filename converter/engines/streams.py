@@ -1,15 +1,19 @@
 """The engines' writing, and the streaming engine's threads: a read-ahead producer and a safetensors writer with
 its hasher, handing work on through queues bounded in bytes, so that memory follows the size of a layer, not of the
-model. Both engines write every safetensors file through ``SafetensorsStream``: each file is hashed from the bytes
-as they are written (never re-read), and a finished shard's hasher keeps running while the next shard is produced,
-so the shards of a large export are hashed in parallel."""
+model. Both engines write every safetensors file through ``SafetensorsStream``: its writer gathers the bytes into a
+few aligned staging buffers and writes them straight to the disk (``O_DIRECT``, where the file system takes it: the
+kernel then neither copies them into page-cache pages nor writes those back later), each buffer is hashed once
+written (never re-read), and a finished shard's hasher keeps running while the next shard is produced, so the
+shards of a large export are hashed in parallel."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import dataclasses
+import errno
 import json
+import mmap
 import os
 import queue
 import threading
@@ -20,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import timings
-from ..hashing import TrailingHash
-from ..names import SAFETENSORS_METADATA, SHARD_PATTERN, WEIGHTS, WEIGHTS_INDEX
+from ..hashing import BufferHash
+from ..names import BUFFERED_WRITES, SAFETENSORS_METADATA, SHARD_PATTERN, WEIGHTS, WEIGHTS_INDEX
 from ..sources.pread import tensor_bytes
 from ..sources.safetensors import DTYPE_NAMES
 
@@ -48,6 +52,66 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
     fn = getattr(_LIBC, "sync_file_range", None)
     if fn is not None:
         fn(ctypes.c_int(fd), ctypes.c_int64(offset), ctypes.c_int64(nbytes), ctypes.c_uint(_SYNC_FILE_RANGE_WRITE))
+
+
+STAGE_BYTES = 8 << 20  # one staging buffer: a multiple of any file system's direct-I/O alignment
+STAGES = 4  # staging buffers per file: one being filled, the others being written or hashed
+DIRECT_ALIGN = 4096
+
+
+class DiskFile:
+    """A file written front to back from page-aligned staging buffers: with ``O_DIRECT`` where the file system
+    allows it (full buffers straight to the disk; the last partial block through the page cache), else buffered,
+    with writeback started every ``WRITEBACK_STEP`` bytes. ``direct`` says which."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._direct = -1
+        flag = getattr(os, "O_DIRECT", 0)
+        if flag and os.environ.get(BUFFERED_WRITES) != "1":
+            with contextlib.suppress(OSError):  # tmpfs and some others refuse O_DIRECT: buffered then
+                self._direct = os.open(path, os.O_WRONLY | flag)
+        self.written = self._flushed = 0
+
+    @property
+    def direct(self) -> bool:
+        return self._direct >= 0
+
+    def write(self, block: memoryview) -> None:
+        """Append ``block`` (from a staging buffer: page-aligned, a multiple of ``DIRECT_ALIGN`` bytes unless it is
+        the file's last)."""
+        aligned = len(block) - len(block) % DIRECT_ALIGN if self.direct else 0
+        if aligned:
+            try:
+                self._pwrite(self._direct, block[:aligned])
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._stop_direct()  # the file system takes O_DIRECT but not these writes: buffered from here
+                aligned = 0
+        self._pwrite(self._fd, block[aligned:])
+        if not self.direct and self.written - self._flushed >= WRITEBACK_STEP:
+            _start_writeback(self._fd, self._flushed, self.written - self._flushed)
+            self._flushed = self.written
+
+    def _pwrite(self, fd: int, data: memoryview) -> None:
+        done = 0
+        while done < len(data):  # a write to a file may be short
+            done += os.pwrite(fd, data[done:], self.written + done)
+        self.written += done
+
+    def _stop_direct(self) -> None:
+        os.close(self._direct)
+        self._direct = -1
+
+    def sync(self) -> None:
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self.direct:
+            self._stop_direct()
+        os.close(self._fd)
 
 
 IN_FLIGHT_BYTES = 64 << 20  # bytes a stage may hand on before the next one has consumed them (per stage)
@@ -83,9 +147,10 @@ def _nbytes(block: Any) -> int:
 
 
 class SafetensorsStream:
-    """Writes a safetensors file whose tensors are known up front: bytes are appended in header order by a
-    background writer thread, and hashed (sha256) behind it by a ``TrailingHash``, so that neither pass holds up
-    the producer."""
+    """Writes a safetensors file whose tensors are known up front: a background writer thread gathers the bytes, in
+    header order, into staging buffers and writes each one full (``DiskFile``), and a ``BufferHash`` hashes each
+    buffer written, so that neither the disk nor the hash holds up the producer. The producer's blocks go back
+    (``release``) as soon as they are copied into a staging buffer."""
 
     def __init__(
         self,
@@ -112,9 +177,11 @@ class SafetensorsStream:
         raw += b" " * (-len(raw) % 8)
         self.path = path
         self._release = release or (lambda tensor: None)
-        # Unbuffered: every byte the writer has written is in the kernel, where the hasher maps it.
-        self._fh = open(path, "wb", buffering=0)  # noqa: SIM115 - closed in close()
-        self._hash = TrailingHash(path)
+        self._file = DiskFile(path)
+        self._hash = BufferHash(path.name)
+        self._free: queue.SimpleQueue = queue.SimpleQueue()  # staging buffers not being written or hashed
+        for _ in range(STAGES):
+            self._free.put(mmap.mmap(-1, STAGE_BYTES))  # anonymous mappings are page-aligned
         self._queue: queue.Queue = queue.Queue()
         self._budget = ByteBudget(IN_FLIGHT_BYTES)  # queued for writing
         self._error: BaseException | None = None
@@ -127,36 +194,46 @@ class SafetensorsStream:
 
     @staticmethod
     def _bytes(block: Any) -> Any:
-        return tensor_bytes(block) if isinstance(block, torch.Tensor) else block
+        view = tensor_bytes(block) if isinstance(block, torch.Tensor) else memoryview(block)
+        return view.cast("B") if view.ndim != 1 else view  # flat: a tensor's bytes, row after row
 
     def _drain(self) -> None:
-        written = flushed = 0
+        stage, filled = self._free.get(), 0
         while (block := self._queue.get()) is not None:
             if self._error is None:
                 try:
                     view = self._bytes(block)
-                    done = 0
                     with timings.timed("writing"):
-                        while done < len(view):  # a write to a file may be short
-                            done += self._fh.write(view[done:])
-                        written += done
-                        self._hash.advance(written)
-                        if written - flushed >= WRITEBACK_STEP:
-                            _start_writeback(self._fh.fileno(), flushed, written - flushed)
-                            flushed = written
+                        done = 0
+                        while done < len(view):
+                            n = min(len(view) - done, STAGE_BYTES - filled)
+                            stage[filled : filled + n] = view[done : done + n]
+                            filled, done = filled + n, done + n
+                            if filled == STAGE_BYTES:
+                                self._write_stage(stage, filled)
+                                stage, filled = self._free.get(), 0
                 except BaseException as exc:  # noqa: BLE001 - handed to the producing thread
                     self._error = exc
             self._budget.release(_nbytes(block))
             if isinstance(block, torch.Tensor):
                 self._release(block)
-        self._hash.finish(failed=self._error is not None)
-        if self._error is None:
-            try:  # flush this file to disk now, while the next one is produced
+        try:
+            if self._error is None:
                 with timings.timed("writing"):
-                    self._fh.flush()
-                    os.fsync(self._fh.fileno())
-            except BaseException as exc:  # noqa: BLE001
-                self._error = exc
+                    if filled:
+                        self._write_stage(stage, filled)
+                    self._file.sync()  # this file goes to disk now, while the next one is produced
+        except BaseException as exc:  # noqa: BLE001
+            self._error = exc
+        finally:
+            self._hash.finish()
+            self._file.close()
+
+    def _write_stage(self, stage: mmap.mmap, filled: int) -> None:
+        """Write the staging buffer's ``filled`` bytes, then have them hashed; the buffer is free again after."""
+        block = memoryview(stage)[:filled]
+        self._file.write(block)
+        self._hash.update(block, lambda: self._free.put(stage))
 
     def _put(self, block: Any) -> None:
         if self._error is not None:
@@ -184,20 +261,21 @@ class SafetensorsStream:
         """Wait for the file to be written, fsynced and hashed; return its sha256; raise the writer's error if
         any."""
         self._thread.join()
-        self._fh.close()
+        try:
+            digest = self._hash.result()
+        finally:
+            self._free = queue.SimpleQueue()  # the staging buffers go back to the OS now, not with the stream
         if self._error is not None:
-            with contextlib.suppress(BaseException):
-                self._hash.result()
             raise self._error
-        return self._hash.result()
+        return digest
 
     def abort(self) -> None:
         self._error = self._error or RuntimeError("aborted")
         self._queue.put(None)
         self._thread.join()
-        self._fh.close()
         with contextlib.suppress(BaseException):
             self._hash.result()
+        self._free = queue.SimpleQueue()
 
 
 @dataclasses.dataclass(frozen=True)

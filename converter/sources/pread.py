@@ -15,6 +15,7 @@ import zlib
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -132,6 +133,65 @@ class BufferPool:
                 self._refs[ptr] += 1
 
 
+class CrcLanes:
+    """Folds pieces of records into their CRC-32s on worker threads ("lanes"): a record's pieces in submission order
+    on the lane it was given at its first piece, consecutive records on different lanes. ``wait`` collects the
+    verdicts of what was submitted so far."""
+
+    def __init__(self, lanes: int = CRC_LANES) -> None:
+        self.lanes = lanes
+        self._workers: list[ThreadPoolExecutor] = []
+        self._turn = 0
+        self._lane_of: dict[tuple[Path, int], ThreadPoolExecutor] = {}
+        self._state: dict[tuple[Path, int], int] = {}  # record -> CRC-32 of its pieces so far
+        self._pending: list[Future] = []
+        self._lock = threading.Lock()
+
+    def submit(self, key: tuple[Path, int], data: memoryview, first: bool, last: bool, check: Any, done: Any) -> None:
+        """Fold ``data`` into record ``key``'s CRC-32; after its ``last`` piece call ``check(crc)``; then ``done()``
+        (the piece may be reused)."""
+
+        def step() -> None:
+            try:
+                with timings.timed("reading"):
+                    crc = zlib.crc32(data, 0 if first else self._state[key])
+                if last:
+                    self._state.pop(key, None)
+                    check(crc)
+                else:
+                    self._state[key] = crc
+            finally:
+                done()
+
+        self._pending.append(self._lane(key, first, last).submit(step))
+
+    def _lane(self, key: tuple[Path, int], first: bool, last: bool) -> ThreadPoolExecutor:
+        with self._lock:
+            lane = self._lane_of.get(key) if not first else None
+            if lane is None:
+                if len(self._workers) < self.lanes:
+                    self._workers.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt2hf-crc"))
+                lane = self._workers[self._turn % len(self._workers)]
+                self._turn += 1
+            if last:
+                self._lane_of.pop(key, None)
+            else:
+                self._lane_of[key] = lane
+            return lane
+
+    def wait(self) -> None:
+        """Wait for the pieces submitted so far; raise the first check's error."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def close(self) -> None:
+        for worker in self._workers:
+            worker.shutdown(wait=True, cancel_futures=True)
+        self._workers.clear()
+        self._lane_of.clear()
+
+
 class SpanReader:
     """Reads spans with ``os.pread`` into pooled buffers; verifies each zip record's CRC-32 when it is read whole.
 
@@ -147,20 +207,11 @@ class SpanReader:
         self._fds: dict[Path, int] = {}
         self.pool = BufferPool(chunk_bytes, pool_bytes)
         self._lock = threading.Lock()
-        # CRC-32s run on worker threads ("lanes"): a record's pieces in submission order on the lane it was given
-        # at its first piece; wait_crc() collects the verdicts.
-        self._crc_lanes: list[ThreadPoolExecutor] = []
-        self._crc_next = 0
-        self._crc_lane_of: dict[tuple[Path, int], ThreadPoolExecutor] = {}
-        self._crc_state: dict[tuple[Path, int], int] = {}
-        self._crc_pending: list[Future] = []
+        self._crcs = CrcLanes()  # wait_crc() collects their verdicts
         self._claimed: set[tuple[Path, int]] = set()  # (file, record offset): records checked or being checked
 
     def close(self) -> None:
-        for lane in self._crc_lanes:
-            lane.shutdown(wait=True, cancel_futures=True)
-        self._crc_lanes.clear()
-        self._crc_lane_of.clear()
+        self._crcs.close()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -173,9 +224,7 @@ class SpanReader:
 
     def wait_crc(self) -> None:
         """Wait for the CRC-32 checks submitted so far; raise ConvertError for the first record that failed."""
-        pending, self._crc_pending = self._crc_pending, []
-        for future in pending:
-            future.result()
+        self._crcs.wait()
 
     def _fd(self, path: Path) -> int:
         if path not in self._fds:
@@ -279,37 +328,15 @@ class SpanReader:
     def crc_async(self, span: Span, piece: torch.Tensor, first: bool, last: bool) -> None:
         """Fold ``piece`` into its record's CRC-32 on a worker thread; check the record after its last piece. The
         pieces of one record must come from one thread, in order (``chunks`` and ``read`` do so)."""
-        key = (span.path, span.record.offset)
         self.pool.hold(piece)
-
-        def step() -> None:
-            try:
-                with timings.timed("reading"):
-                    crc = zlib.crc32(tensor_bytes(piece), 0 if first else self._crc_state[key])
-                if last:
-                    self._crc_state.pop(key, None)
-                    self.verify(span, crc)
-                else:
-                    self._crc_state[key] = crc
-            finally:
-                self.release(piece)
-
-        self._crc_pending.append(self._lane(key, first, last).submit(step))
-
-    def _lane(self, key: tuple[Path, int], first: bool, last: bool) -> ThreadPoolExecutor:
-        """The worker that folds the record's pieces: the next lane in turn at its first piece, the same after."""
-        with self._lock:
-            lane = self._crc_lane_of.get(key) if not first else None
-            if lane is None:
-                if len(self._crc_lanes) < CRC_LANES:
-                    self._crc_lanes.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt2hf-crc"))
-                lane = self._crc_lanes[self._crc_next % len(self._crc_lanes)]
-                self._crc_next += 1
-            if last:
-                self._crc_lane_of.pop(key, None)
-            else:
-                self._crc_lane_of[key] = lane
-            return lane
+        self._crcs.submit(
+            (span.path, span.record.offset),
+            tensor_bytes(piece),
+            first,
+            last,
+            lambda crc: self.verify(span, crc),
+            lambda: self.release(piece),
+        )
 
     def check_record(self, span: Span) -> None:
         """CRC-32 of the span's whole record, read in chunks (for tensors that share a record or cover part of it);
