@@ -227,9 +227,13 @@ class SpanReader:
         self._crcs.wait()
 
     def _fd(self, path: Path) -> int:
-        if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_RDONLY)
-        return self._fds[path]
+        fd = self._fds.get(path)
+        if fd is None:
+            with self._lock:  # several threads may read at once (the streaming engine's read-back)
+                fd = self._fds.get(path)
+                if fd is None:
+                    fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
 
     def pread(self, path: Path, offset: int, out: torch.Tensor) -> None:
         """Fill the contiguous CPU tensor ``out`` with the file's bytes from ``offset``."""
