@@ -217,41 +217,15 @@ def run_shape(shape: str, args: argparse.Namespace, env: dict[str, str], sha256:
     )
     run = args.cache / shape / "runs" / shape
     ref = args.cache / shape / "export-ref"
+
+    def convert_to(out: Path, device: str, *flags: str) -> list[str]:
+        return [py, "-m", "converter", "convert", str(run), "--out", str(out), "--quiet", "--device", device, *flags]
+
     if not (ref / "manifest.json").is_file():
         shutil.rmtree(ref, ignore_errors=True)
-        subprocess.run(
-            [
-                py,
-                "-m",
-                "converter",
-                "convert",
-                str(run),
-                "--out",
-                str(ref),
-                "--engine",
-                "streaming",
-                "--quiet",
-                "--device",
-                args.device,
-            ],
-            env=env,
-            cwd=REPO,
-            check=True,
-        )
+        subprocess.run(convert_to(ref, args.device, "--engine", "streaming"), env=env, cwd=REPO, check=True)
     dest = args.cache / shape / "dest"
-    convert = [
-        py,
-        "-m",
-        "converter",
-        "convert",
-        str(run),
-        "--out",
-        str(dest),
-        "--json",
-        "--quiet",
-        "--device",
-        args.device,
-    ]
+    convert = convert_to(dest, args.device, "--json")
     contenders = {
         "floor (durable copy of the export)": [py, "-c", FLOOR, str(ref), str(dest)],
         # --source-sha256 records the checkpoint's sha256: one sequential pass over every byte, on one core.
@@ -271,8 +245,8 @@ def run_shape(shape: str, args: argparse.Namespace, env: dict[str, str], sha256:
             "env", f"{BUFFERED_WRITES}=1", *convert, "--no-verify", "--engine", "streaming"
         ]  # fmt: skip
     if args.also_cpu and args.device != "cpu":
-        cpu = [py, "-m", "converter", "convert", str(run), "--out", str(dest), "--json", "--quiet", "--device", "cpu"]
-        contenders["convert --no-verify, streaming, merge on the CPU"] = [*cpu, "--no-verify", "--engine", "streaming"]
+        cpu = convert_to(dest, "cpu", "--json", "--no-verify", "--engine", "streaming")
+        contenders["convert --no-verify, streaming, merge on the CPU"] = cpu
     if args.peft and (args.cache / shape / "bases" / "language_model" / "config.json").is_file():
         base = args.cache / shape / "bases" / "language_model"
         contenders["PEFT path (from_pretrained, merge_and_unload, save_pretrained)"] = [

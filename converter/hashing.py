@@ -56,8 +56,7 @@ class BufferHash:
     hashed in parallel.
     """
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    def __init__(self) -> None:
         self._sha = hashlib.sha256()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._error: BaseException | None = None

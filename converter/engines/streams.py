@@ -178,7 +178,7 @@ class SafetensorsStream:
         self.path = path
         self._release = release or (lambda tensor: None)
         self._file = DiskFile(path)
-        self._hash = BufferHash(path.name)
+        self._hash = BufferHash()
         self._free: queue.SimpleQueue = queue.SimpleQueue()  # staging buffers not being written or hashed
         for _ in range(STAGES):
             self._free.put(mmap.mmap(-1, STAGE_BYTES))  # anonymous mappings are page-aligned
