@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-from converter.names import BUFFERED_WRITES  # noqa: E402 - torch-free
+from converter.names import BUFFERED_WRITES, FILES_AT_ONCE  # noqa: E402 - torch-free
 
 SHAPES = {
     "smoke": {"layers": 2, "hidden": 64, "intermediate": 128, "heads": 4, "kv_heads": 2, "head_dim": 16, "vocab": 1000},
@@ -243,6 +243,10 @@ def run_shape(shape: str, args: argparse.Namespace, env: dict[str, str], sha256:
     if args.also_buffered:  # the same conversion writing through the page cache instead of O_DIRECT
         contenders["convert --no-verify, streaming, buffered writes"] = [
             "env", f"{BUFFERED_WRITES}=1", *convert, "--no-verify", "--engine", "streaming"
+        ]  # fmt: skip
+    if args.also_one_file:  # a sharded export written one file at a time, as before files were written at once
+        contenders["convert --no-verify, streaming, one file at a time"] = [
+            "env", f"{FILES_AT_ONCE}=1", *convert, "--no-verify", "--engine", "streaming"
         ]  # fmt: skip
     if args.also_cpu and args.device != "cpu":
         cpu = convert_to(dest, "cpu", "--json", "--no-verify", "--engine", "streaming")
@@ -479,6 +483,7 @@ def main() -> None:
     parser.add_argument("--no-peft", dest="peft", action="store_false")
     parser.add_argument("--sha256", nargs="+", default=["native", "generic"], choices=list(SHA256_MODES))
     parser.add_argument("--also-buffered", action="store_true", help="also time writes through the page cache")
+    parser.add_argument("--also-one-file", action="store_true", help="also time writing one shard at a time")
     parser.add_argument("--also-cpu", action="store_true", help="with --device cuda: also time the merge on the CPU")
     parser.add_argument("--skip", nargs="*", help="skip contenders whose name contains this")
     parser.add_argument("--cache", type=Path, default=HERE / "cache")

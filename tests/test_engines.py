@@ -125,3 +125,21 @@ def test_reads_are_cpu_tensors_whatever_the_default_device(pano_run):
     assert_same_tensors(whole, stored)
     assert_same_tensors(writable, {k: stored[k] for k in writable})
     assert_same_tensors(pieces, {k: stored[k].reshape(-1, *stored[k].shape[1:]) for k in pieces})
+
+
+@pytest.mark.parametrize("engine", ["streaming", "full"])
+def test_shards_written_at_once_are_the_shards_written_in_turn(pano_run, tmp_path, monkeypatch, engine):
+    """A sharded export written three files at once (as on a machine of 12 cores or more) is byte for byte the
+    export written one file at a time, and its manifest records the same sha256s."""
+    from converter.names import FILES_AT_ONCE
+
+    exports = {}
+    for at_once in ("1", "3"):
+        monkeypatch.setenv(FILES_AT_ONCE, at_once)
+        out = tmp_path / at_once
+        manifest = run_convert(pano_run, out, engine=engine, dtype="bfloat16", max_shard_size="8KB")
+        weights = sorted(p for p in out.rglob("*") if p.name.endswith((".safetensors", ".index.json")))
+        exports[at_once] = ({p.relative_to(out).as_posix(): p.read_bytes() for p in weights}, manifest["files"])
+    shards = [name for name in exports["1"][0] if name.startswith("language_model/model-")]
+    assert len(shards) > 3  # more files than are open at once
+    assert exports["3"] == exports["1"]

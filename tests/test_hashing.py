@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +102,79 @@ def test_a_stream_writes_and_hashes_the_same_bytes_direct_or_buffered(tmp_path, 
     assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
     loaded = load_file(path)
     assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+
+def _layout_tensors():
+    import torch
+
+    from converter.engines.shards import FileLayout
+
+    gen = torch.Generator().manual_seed(1)
+    sizes = {"a.safetensors": [900, 100, 5000], "b.safetensors": [3000, 3000], "c.safetensors": [10, 20, 0]}
+    sizes["d.safetensors"] = [7000]
+    tensors, files = {}, {}
+    for filename, lengths in sizes.items():
+        files[filename] = []
+        for i, n in enumerate(lengths):
+            name = f"{filename[0]}{i}"
+            tensors[name] = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen)
+            files[filename].append(name)
+    return FileLayout(files), tensors
+
+
+def test_files_written_at_once_take_their_tensors_in_turn_largest_remainder_first():
+    """The schedule: each file's tensors in its own order; at most ``at_once`` files open; the next tensor from the
+    open file with the most bytes left; the next file opens when one is done."""
+    from converter.engines.shards import FileSet
+
+    layout, tensors = _layout_tensors()
+    entries = {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}
+    one = FileSet(Path("unused"), layout, entries, at_once=1).order
+    assert one == [(f, n) for f, names in layout.files.items() for n in names]
+    two = FileSet(Path("unused"), layout, entries, at_once=2).order
+    assert [n for _, n in two] == ["a0", "b0", "a1", "a2", "b1", "d0", "c0", "c1", "c2"]
+    for at_once in (2, 3, 9):
+        order = FileSet(Path("unused"), layout, entries, at_once=at_once).order
+        assert sorted(order) == sorted(one)
+        for filename, names in layout.files.items():
+            assert [n for f, n in order if f == filename] == names
+
+
+@pytest.mark.parametrize("at_once", [2, 4])
+def test_files_written_at_once_hold_the_bytes_of_files_written_in_turn(tmp_path, monkeypatch, at_once):
+    """Several shards written at once (each on its threads, with small staging buffers: many edges) hold exactly
+    the bytes that writing them one after the other gives, and each digest is its file's."""
+    from converter.engines import shards, streams
+
+    monkeypatch.setattr(streams, "STAGE_BYTES", streams.DIRECT_ALIGN)
+    layout, tensors = _layout_tensors()
+    entries = {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}
+    written = {}
+    for n in (1, at_once):
+        folder = tmp_path / str(n)
+        folder.mkdir()
+        files = shards.FileSet(folder, layout, entries, at_once=n)
+        for filename, name in files.order:
+            tensor, third = tensors[name], tensors[name].numel() // 3
+            for piece in (tensor[:third], tensor[third:]) if third else (tensor,):
+                files.stream(filename).write(name, piece)
+            files.done(filename)
+        digests = files.close()
+        assert digests == {f: hashlib.sha256((folder / f).read_bytes()).hexdigest() for f in layout.files}
+        written[n] = {f: (folder / f).read_bytes() for f in layout.files}
+    assert written[1] == written[at_once]
+
+
+def test_files_at_once_comes_from_the_environment_else_one(monkeypatch):
+    from converter.engines.shards import files_at_once
+    from converter.errors import ConvertError
+    from converter.names import FILES_AT_ONCE
+
+    monkeypatch.setenv(FILES_AT_ONCE, "5")
+    assert files_at_once() == 5
+    monkeypatch.setenv(FILES_AT_ONCE, "many")
+    said = "^CKPT2HF_FILES_AT_ONCE='many': not a number of files; unset it or give one$"
+    with pytest.raises(ConvertError, match=said):
+        files_at_once()
+    monkeypatch.delenv(FILES_AT_ONCE)
+    assert files_at_once() == 1

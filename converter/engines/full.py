@@ -21,7 +21,7 @@ from ..plan import PartPlan
 from ..policy import cast_checked, settled_tie
 from ..sources import Sources
 from .base import Engine, Written
-from .streams import write_tensors
+from .shards import write_tensors
 
 log = logging.getLogger(__name__)
 

@@ -29,13 +29,13 @@ from tqdm.auto import tqdm
 
 from .. import verification
 from ..errors import ConvertError
-from ..names import SAFETENSORS_METADATA
 from ..plan import OutTensor, PartPlan
 from ..policy import cast_checked, settled_tie, tolerance
 from ..sources import Sources, TensorRef
 from ..sources.safetensors import SafetensorsSource
 from .base import Engine, Written
-from .streams import FileLayout, ReadAhead, SafetensorsStream
+from .shards import FileLayout, FileSet
+from .streams import ReadAhead, SafetensorsStream
 from .units import UnitMerger
 
 log = logging.getLogger(__name__)
@@ -195,34 +195,29 @@ class _PartWriter:
         tensors = {t.name: t for t in part.tensors}
         written = {t.name: t for t in part.written()}
         hub = SavedFormat(part)
-        layout = FileLayout.of(part)
-        files = layout.files
         folder.mkdir(parents=True, exist_ok=True)
+        files = FileSet(
+            folder,
+            FileLayout.of(part),
+            {name: (t.dtype, t.shape) for name, t in written.items()},
+            self.sources.release,
+        )
         progress = self.engine.progress
         bar = tqdm(total=len(written), desc=f"streaming {part.name}", unit="tensor", disable=not progress, leave=False)
-        streams: dict[str, SafetensorsStream] = {}
-        order = [tensors[n] for n in dict.fromkeys(hub.source(name) for names in files.values() for name in names)]
+        order = [tensors[n] for n in dict.fromkeys(hub.source(name) for _, name in files.order)]
         sources = ReadAhead(self._sources(order, hub), size=_source_bytes)
         dtypes = {t.name: t.dtype for t in part.tensors}
         try:
-            for filename, names in files.items():
-                entries = [(n, written[n].dtype, written[n].shape) for n in names]
-                stream = streams[filename] = SafetensorsStream(
-                    folder / filename, entries, dict(SAFETENSORS_METADATA), self.sources.release
-                )
-                for name in names:
-                    self._write_tensor(stream, name, tensors[hub.source(name)], hub, sources, dtypes)
-                    bar.update()
-                stream.finish()  # its thread completes and fsyncs it while the next file is produced
-            for filename, stream in streams.items():
-                self.sha[filename] = stream.close()
+            for filename, name in files.order:
+                self._write_tensor(files.stream(filename), name, tensors[hub.source(name)], hub, sources, dtypes)
+                files.done(filename)
+                bar.update()
+            self.sha.update(files.close())
         except BaseException:
             sources.close()
-            for stream in streams.values():
-                stream.abort()
+            files.abort()
             raise
         bar.close()
-        layout.write_index(folder)
         merger = self.merger
         if merger is not None:
             part = dataclasses.replace(part, adapter=dataclasses.replace(part.adapter, idle=tuple(merger.idle)))
@@ -312,7 +307,7 @@ class _PartWriter:
 class SavedFormat:
     """The hub's format for the streaming writer (``save_pretrained``'s: fused experts one tensor per expert): which
     in-memory tensor each file's tensor comes from, and a conversion's outputs waiting for their turn in the files
-    (at most one in-memory tensor's: its outputs are consecutive in writing order)."""
+    (at most one in-memory tensor's per file being written: its outputs are consecutive in that file's order)."""
 
     def __init__(self, part: PartPlan) -> None:
         self.saved = part.saved

@@ -3,14 +3,13 @@ its hasher, handing work on through queues bounded in bytes, so that memory foll
 model. Both engines write every safetensors file through ``SafetensorsStream``: its writer gathers the bytes into a
 few aligned staging buffers and writes them straight to the disk (``O_DIRECT``, where the file system takes it: the
 kernel then neither copies them into page-cache pages nor writes those back later), each buffer is hashed once
-written (never re-read), and a finished shard's hasher keeps running while the next shard is produced, so the
-shards of a large export are hashed in parallel."""
+written (never re-read), and a finished shard's hasher keeps running while the next shard is produced. Which files
+a part has, and how many are written at once, is ``shards``'s."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import errno
 import json
 import mmap
@@ -25,12 +24,13 @@ import torch
 
 from .. import timings
 from ..hashing import BufferHash
-from ..names import BUFFERED_WRITES, SAFETENSORS_METADATA, SHARD_PATTERN, WEIGHTS, WEIGHTS_INDEX
-from ..sources.pread import tensor_bytes
+from ..names import (
+    BUFFERED_WRITES,
+)
 from ..sources.safetensors import DTYPE_NAMES
 
 if TYPE_CHECKING:
-    from ..plan import PartPlan
+    pass
 
 WRITEBACK_STEP = 64 << 20
 _SYNC_FILE_RANGE_WRITE = 2
@@ -158,7 +158,10 @@ class SafetensorsStream:
         entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
         metadata: dict,
         release: Any = None,
+        budget: ByteBudget | None = None,
     ) -> None:
+        """``budget``: bounds the bytes queued for writing and not yet copied (shared by the streams of one
+        ``FileSet``); a budget of its own by default."""
         header: dict[str, Any] = {"__metadata__": metadata}
         offset = 0
         self.order = []
@@ -182,8 +185,9 @@ class SafetensorsStream:
         self._free: queue.SimpleQueue = queue.SimpleQueue()  # staging buffers not being written or hashed
         for _ in range(STAGES):
             self._free.put(mmap.mmap(-1, STAGE_BYTES))  # anonymous mappings are page-aligned
+        self._targets: dict[int, torch.Tensor] = {}  # id of a staging buffer -> a tensor over it
         self._queue: queue.Queue = queue.Queue()
-        self._budget = ByteBudget(IN_FLIGHT_BYTES)  # queued for writing
+        self._budget = budget or ByteBudget(IN_FLIGHT_BYTES)  # queued for writing
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._drain, name="ckpt2hf-write", daemon=True)
         self._thread.start()
@@ -193,9 +197,12 @@ class SafetensorsStream:
         self._left = 0
 
     @staticmethod
-    def _bytes(block: Any) -> Any:
-        view = tensor_bytes(block) if isinstance(block, torch.Tensor) else memoryview(block)
-        return view.cast("B") if view.ndim != 1 else view  # flat: a tensor's bytes, row after row
+    def _bytes(block: Any) -> torch.Tensor:
+        """The block's bytes, flat (a tensor's row after row), as a uint8 tensor: torch copies them without holding
+        the GIL, which the producer and the other files' writers need meanwhile."""
+        if isinstance(block, torch.Tensor):
+            return block.reshape(-1).view(torch.uint8) if block.numel() else torch.empty(0, dtype=torch.uint8)
+        return torch.frombuffer(bytearray(block), dtype=torch.uint8)
 
     def _drain(self) -> None:
         stage, filled = self._free.get(), 0
@@ -204,14 +211,15 @@ class SafetensorsStream:
                 try:
                     view = self._bytes(block)
                     with timings.timed("writing"):
-                        done = 0
+                        done, target = 0, self._target(stage)
                         while done < len(view):
                             n = min(len(view) - done, STAGE_BYTES - filled)
-                            stage[filled : filled + n] = view[done : done + n]
+                            target[filled : filled + n].copy_(view[done : done + n])
                             filled, done = filled + n, done + n
                             if filled == STAGE_BYTES:
                                 self._write_stage(stage, filled)
                                 stage, filled = self._free.get(), 0
+                                target = self._target(stage)
                 except BaseException as exc:  # noqa: BLE001 - handed to the producing thread
                     self._error = exc
             self._budget.release(_nbytes(block))
@@ -228,6 +236,13 @@ class SafetensorsStream:
         finally:
             self._hash.finish()
             self._file.close()
+
+    def _target(self, stage: mmap.mmap) -> torch.Tensor:
+        """The staging buffer as a uint8 tensor (made once per buffer)."""
+        target = self._targets.get(id(stage))
+        if target is None:
+            target = self._targets[id(stage)] = torch.frombuffer(stage, dtype=torch.uint8)
+        return target
 
     def _write_stage(self, stage: mmap.mmap, filled: int) -> None:
         """Write the staging buffer's ``filled`` bytes, then have them hashed; the buffer is free again after."""
@@ -264,7 +279,7 @@ class SafetensorsStream:
         try:
             digest = self._hash.result()
         finally:
-            self._free = queue.SimpleQueue()  # the staging buffers go back to the OS now, not with the stream
+            self._free, self._targets = queue.SimpleQueue(), {}  # the staging buffers go back to the OS now
         if self._error is not None:
             raise self._error
         return digest
@@ -275,59 +290,7 @@ class SafetensorsStream:
         self._thread.join()
         with contextlib.suppress(BaseException):
             self._hash.result()
-        self._free = queue.SimpleQueue()
-
-
-@dataclasses.dataclass(frozen=True)
-class FileLayout:
-    """Which tensors go into which safetensors file (huggingface_hub's split: names, order, index)."""
-
-    files: dict[str, list[str]]  # file name -> tensor names, in writing order
-    split: Any = None  # huggingface_hub's StateDictSplit when sharding was asked for
-
-    @classmethod
-    def of(cls, part: PartPlan) -> FileLayout:
-        if part.max_shard_size is None:
-            return cls({WEIGHTS: [t.name for t in part.written()]})
-        from huggingface_hub import split_state_dict_into_shards_factory
-
-        split = split_state_dict_into_shards_factory(
-            {t.name: t for t in part.written()},
-            get_storage_size=lambda t: max(1, t.nbytes),
-            filename_pattern=SHARD_PATTERN,
-            max_shard_size=part.max_shard_size,
-        )
-        return cls(dict(split.filename_to_tensors), split)
-
-    def write_index(self, folder: Path) -> None:
-        """model.safetensors.index.json, when the part is sharded."""
-        if self.split is not None and self.split.is_sharded:
-            index = {
-                "metadata": {**self.split.metadata, **SAFETENSORS_METADATA},
-                "weight_map": self.split.tensor_to_filename,
-            }
-            (folder / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
-def write_tensors(folder: Path, part: PartPlan, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
-    """Write tensors already in memory as the part's safetensors file(s) (and index); return file -> sha256."""
-    layout = FileLayout.of(part)
-    folder.mkdir(parents=True, exist_ok=True)
-    streams: dict[str, SafetensorsStream] = {}
-    try:
-        for filename, names in layout.files.items():
-            entries = [(n, tensors[n].dtype, tuple(tensors[n].shape)) for n in names]
-            stream = streams[filename] = SafetensorsStream(folder / filename, entries, dict(SAFETENSORS_METADATA))
-            for name in names:
-                stream.write(name, tensors[name])
-            stream.finish()
-        hashes = {filename: stream.close() for filename, stream in streams.items()}
-    except BaseException:
-        for stream in streams.values():
-            stream.abort()
-        raise
-    layout.write_index(folder)
-    return hashes
+        self._free, self._targets = queue.SimpleQueue(), {}
 
 
 class ReadAhead:
