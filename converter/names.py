@@ -49,6 +49,6 @@ ADAPTER = "adapter"
 
 # "1": write every file through the page cache, not with O_DIRECT (engines/streams.py; the bench compares both)
 BUFFERED_WRITES = "CKPT2HF_BUFFERED_WRITES"
-# How many of a sharded export's files are written at once (engines/streams.py; default from the CPU count)
+# How many of a sharded export's files are written at once (engines/shards.py; default 1)
 FILES_AT_ONCE = "CKPT2HF_FILES_AT_ONCE"
 DEFER_BITSANDBYTES = "CKPT2HF_DEFER_BITSANDBYTES"  # "1": the command line marked bitsandbytes unavailable (cli.py)

@@ -141,7 +141,7 @@ class FileSet:
             if self._left[filename]:
                 raise RuntimeError(f"{filename}: {self._left[filename]} tensors were never handed over")
             stream = self.stream(filename)
-            if self._left[filename] == 0 and not self.layout.files[filename]:
+            if not self.layout.files[filename]:
                 stream.finish()
             hashes[filename] = stream.close()
         self.layout.write_index(self.folder)

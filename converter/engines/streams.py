@@ -18,19 +18,14 @@ import queue
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from .. import timings
 from ..hashing import BufferHash
-from ..names import (
-    BUFFERED_WRITES,
-)
+from ..names import BUFFERED_WRITES
 from ..sources.safetensors import DTYPE_NAMES
-
-if TYPE_CHECKING:
-    pass
 
 WRITEBACK_STEP = 64 << 20
 _SYNC_FILE_RANGE_WRITE = 2
