@@ -52,21 +52,19 @@ def test_a_failed_cli_convert_leaves_no_hashing_thread(causal_lm_run, tmp_path, 
     ckpt = tmp_path / "big.ckpt"
     with ckpt.open("wb") as f:
         f.truncate(8 << 30)
-    seen, stop = [], threading.Event()
+    seen = []
 
-    def observe() -> None:
-        while not stop.is_set() and not seen:
-            seen.extend(t for t in threading.enumerate() if t.name == "ckpt2hf-source-hash")
-            stop.wait(0.001)
+    def started(*_) -> None:  # called in every thread started meanwhile (at each of its calls), from its first
+        thread = threading.current_thread()
+        if thread.name == "ckpt2hf-source-hash" and thread not in seen:
+            seen.append(thread)
 
-    observer = threading.Thread(target=observe)
-    observer.start()
+    threading.settrace(started)  # not a poll: a hash started and stopped between two looks is still seen
     argv = ["convert", causal_lm_run, "--ckpt", ckpt, "--out", tmp_path / "out", "--quiet", "--source-sha256"]
     try:
         code, _, stderr = cli(capsys, *argv)
     finally:
-        stop.set()
-        observer.join()
+        threading.settrace(None)
     assert code == 2 and stderr.startswith(f"ckpt2hf: error: {ckpt}: ")
     assert seen, "the CLI started no hash of the checkpoint"
     assert not seen[0].is_alive()
