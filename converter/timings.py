@@ -6,14 +6,17 @@ The stages, in the order they begin:
 - ``planning``: opening the run (metadata only), the plan, settling what only data can tell;
 - ``reading``: reading the sources' tensor bytes and checking their CRC-32s;
 - ``merging``: merging units with PEFT on the merge device, and the casts to the output dtypes;
-- ``writing``: writing the safetensors files and flushing them to disk;
+- ``copying``: gathering the output tensors' bytes into the writers' aligned staging buffers;
+- ``writing``: writing the staging buffers to the safetensors files and flushing them to disk;
 - ``hashing``: the sha256 of every file written (and of the source with ``--source-sha256``);
 - ``verifying``: the checks against the unmerged model and of what was written.
 
-Reading, writing and hashing run on threads of their own beside the converting thread, so the stages overlap: each
-figure is the seconds that stage was busy (summed over its threads), and together they add up to more than
-``total``, the wall time. ``waiting_for_reads`` and ``waiting_for_writes`` are the converting thread's seconds spent
-waiting for the read-ahead and for the writer: the stage it waited for is the one that bounds the conversion.
+Reading, copying, writing and hashing run on threads of their own beside the converting thread, so the stages
+overlap: each figure is the seconds that stage was busy (summed over its threads), and together they add up to more
+than ``total``, the wall time. ``waiting_for_reads`` and ``waiting_for_writes`` are the converting thread's seconds
+spent waiting for the read-ahead and for the writers' copiers; ``waiting_for_disk`` is the copiers' seconds spent
+waiting for a staging buffer that the disk or the hasher still holds: the stage waited for is the one that bounds
+the conversion.
 
 One conversion at a time per process records (``recording``); outside one, ``timed`` and ``add`` cost a clock read
 and record nothing. This module must not import torch.
@@ -30,8 +33,8 @@ from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
-STAGES = ("importing", "planning", "reading", "merging", "writing", "hashing", "verifying")
-WAITS = ("waiting_for_reads", "waiting_for_writes")
+STAGES = ("importing", "planning", "reading", "merging", "copying", "writing", "hashing", "verifying")
+WAITS = ("waiting_for_reads", "waiting_for_writes", "waiting_for_disk")
 
 
 class Timings:

@@ -176,3 +176,41 @@ def test_files_at_once_comes_from_the_environment_else_one(monkeypatch):
         files_at_once()
     monkeypatch.delenv(FILES_AT_ONCE)
     assert files_at_once() == 1
+
+
+def test_a_finished_file_gives_its_staging_buffers_back_before_the_next_opens(tmp_path, monkeypatch):
+    """Memory follows the files open at once, not the files of the part: once a file's tensors are handed over and
+    it is written and hashed, none of its staging buffers is held any more (the part's other files still to come)."""
+    import types
+    import weakref
+
+    from converter.engines import shards, streams
+
+    made, real = [], streams.mmap.mmap
+
+    def mapping(*args):
+        buffer = real(*args)
+        made.append(weakref.ref(buffer))
+        return buffer
+
+    monkeypatch.setattr(streams, "STAGE_BYTES", streams.DIRECT_ALIGN)
+    monkeypatch.setattr(streams, "mmap", types.SimpleNamespace(mmap=mapping))
+    layout, tensors = _layout_tensors()
+    entries = {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}
+    files = shards.FileSet(tmp_path, layout, entries, at_once=1)
+    first = next(iter(layout.files))
+    for filename, name in files.order:
+        if filename != first:
+            break
+        files.stream(filename).write(name, tensors[name])
+        files.done(filename)
+    stream = files.stream(first)
+    for thread in (stream._thread, stream._disk, stream._hash._thread):
+        thread.join()
+    assert len(made) == streams.STAGES and all(ref() is None for ref in made)
+    for filename, name in files.order:
+        if filename != first:
+            files.stream(filename).write(name, tensors[name])
+            files.done(filename)
+    digests = files.close()
+    assert digests == {f: hashlib.sha256((tmp_path / f).read_bytes()).hexdigest() for f in layout.files}

@@ -56,10 +56,12 @@ class FileLayout:
 def files_at_once() -> int:
     """How many files of a sharded export are written at once: ``CKPT2HF_FILES_AT_ONCE`` if set, else 1.
 
-    A file's sha256 runs front to back on one core (1.1 to 1.4 GB/s with SHA extensions), slower than the GPU
-    machine's disk takes direct writes (1.86 GB/s), so several files at once could let the disk set the pace. On the
-    H200 machine's 8B bench it did not (3 at once: 19.9 to 24.8 s, one at a time: 19.8 to 21.1 s) and peak RSS rose
-    from 1.85 to 2.14 GB, so one file at a time stays the default."""
+    A file's sha256 runs front to back on one core (1.1 to 1.4 GB/s with SHA extensions), no faster than a durable
+    copy of the file, while the H200 machine's disk takes direct writes at 2.6 GB/s. The writer alone
+    (``bench/writes.py``, 12 GB in 4 files, 16 MB buffers) takes 1.06x the floor one file at a time and 0.76x four
+    at a time. A whole 8B conversion gains less (19.8 s four at a time against 19.1 and 24.3 s one at a time),
+    because the producer, not the writer, sets its pace, and its peak RSS rises from 1.78 to 2.25 GB: one file at a
+    time stays the default."""
     chosen = os.environ.get(FILES_AT_ONCE)
     if chosen:
         try:

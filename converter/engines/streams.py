@@ -1,10 +1,11 @@
 """The engines' writing, and the streaming engine's threads: a read-ahead producer and a safetensors writer with
 its hasher, handing work on through queues bounded in bytes, so that memory follows the size of a layer, not of the
-model. Both engines write every safetensors file through ``SafetensorsStream``: its writer gathers the bytes into a
-few aligned staging buffers and writes them straight to the disk (``O_DIRECT``, where the file system takes it: the
-kernel then neither copies them into page-cache pages nor writes those back later), each buffer is hashed once
-written (never re-read), and a finished shard's hasher keeps running while the next shard is produced. Which files
-a part has, and how many are written at once, is ``shards``'s."""
+model. Both engines write every safetensors file through ``SafetensorsStream``: its copier gathers the bytes into a
+few aligned staging buffers, and each full buffer goes at once to a disk thread, which writes it straight to the
+disk (``O_DIRECT``, where the file system takes it: the kernel then neither copies it into page-cache pages nor
+writes those back later), and to a hasher, which hashes it meanwhile (never re-read). So the disk is never left idle
+while bytes are copied or hashed, and a finished shard's hasher keeps running while the next shard is produced.
+Which files a part has, and how many are written at once, is ``shards``'s."""
 
 from __future__ import annotations
 
@@ -49,8 +50,8 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
         fn(ctypes.c_int(fd), ctypes.c_int64(offset), ctypes.c_int64(nbytes), ctypes.c_uint(_SYNC_FILE_RANGE_WRITE))
 
 
-STAGE_BYTES = 8 << 20  # one staging buffer: a multiple of any file system's direct-I/O alignment
-STAGES = 4  # staging buffers per file: one being filled, the others being written or hashed
+STAGE_BYTES = 16 << 20  # one staging buffer: a multiple of any file system's direct-I/O alignment
+STAGES = 3  # staging buffers per file: one being filled, the others with the disk and the hasher
 DIRECT_ALIGN = 4096
 
 
@@ -142,10 +143,11 @@ def _nbytes(block: Any) -> int:
 
 
 class SafetensorsStream:
-    """Writes a safetensors file whose tensors are known up front: a background writer thread gathers the bytes, in
-    header order, into staging buffers and writes each one full (``DiskFile``), and a ``BufferHash`` hashes each
-    buffer written, so that neither the disk nor the hash holds up the producer. The producer's blocks go back
-    (``release``) as soon as they are copied into a staging buffer."""
+    """Writes a safetensors file whose tensors are known up front, on three threads of its own: a copier gathers the
+    producer's bytes, in header order, into staging buffers; each full buffer goes both to a disk thread, which writes
+    it (``DiskFile``), and to a ``BufferHash``, which hashes it meanwhile; the buffer is free again once both are done
+    with it. Neither the disk nor the hash holds up the producer, and the disk is not left idle while the next buffer
+    is filled. The producer's blocks go back (``release``) as soon as they are copied into a staging buffer."""
 
     def __init__(
         self,
@@ -177,13 +179,18 @@ class SafetensorsStream:
         self._release = release or (lambda tensor: None)
         self._file = DiskFile(path)
         self._hash = BufferHash()
-        self._free: queue.SimpleQueue = queue.SimpleQueue()  # staging buffers not being written or hashed
+        self._free: queue.SimpleQueue = queue.SimpleQueue()  # staging buffers neither queued, written nor hashed
+        self._copied = False  # the copier is done: buffers the disk and the hasher give back are dropped
+        self._stage_lock = threading.Lock()
         for _ in range(STAGES):
             self._free.put(mmap.mmap(-1, STAGE_BYTES))  # anonymous mappings are page-aligned
         self._targets: dict[int, torch.Tensor] = {}  # id of a staging buffer -> a tensor over it
-        self._queue: queue.Queue = queue.Queue()
+        self._queue: queue.Queue = queue.Queue()  # the producer's blocks, for the copier
+        self._to_disk: queue.SimpleQueue = queue.SimpleQueue()  # full staging buffers, for the disk thread
         self._budget = budget or ByteBudget(IN_FLIGHT_BYTES)  # queued for writing
         self._error: BaseException | None = None
+        self._disk = threading.Thread(target=self._write_out, name="ckpt2hf-disk", daemon=True)
+        self._disk.start()
         self._thread = threading.Thread(target=self._drain, name="ckpt2hf-write", daemon=True)
         self._thread.start()
         self._put(len(raw).to_bytes(8, "little") + raw)
@@ -200,36 +207,77 @@ class SafetensorsStream:
         return torch.frombuffer(bytearray(block), dtype=torch.uint8)
 
     def _drain(self) -> None:
+        """The copier: the producer's blocks into staging buffers, each full one handed on (``_hand_on``)."""
         stage, filled = self._free.get(), 0
-        while (block := self._queue.get()) is not None:
-            if self._error is None:
-                try:
-                    view = self._bytes(block)
-                    with timings.timed("writing"):
+        try:
+            while (block := self._queue.get()) is not None:
+                if self._error is None:
+                    try:
+                        view = self._bytes(block)
                         done, target = 0, self._target(stage)
                         while done < len(view):
                             n = min(len(view) - done, STAGE_BYTES - filled)
-                            target[filled : filled + n].copy_(view[done : done + n])
+                            with timings.timed("copying"):
+                                target[filled : filled + n].copy_(view[done : done + n])
                             filled, done = filled + n, done + n
                             if filled == STAGE_BYTES:
-                                self._write_stage(stage, filled)
-                                stage, filled = self._free.get(), 0
+                                self._hand_on(stage, filled)
+                                with timings.timed("waiting_for_disk"):
+                                    stage, filled = self._free.get(), 0
                                 target = self._target(stage)
+                    except BaseException as exc:  # noqa: BLE001 - handed to the producing thread
+                        self._error = exc
+                self._budget.release(_nbytes(block))
+                if isinstance(block, torch.Tensor):
+                    self._release(block)
+            if self._error is None and filled:
+                self._hand_on(stage, filled)
+        finally:
+            self._to_disk.put(None)  # the disk thread fsyncs the file (unless something failed) and closes it
+            self._hash.finish()
+            with self._stage_lock:  # the staging buffers go back to the OS as the disk and the hasher finish
+                self._copied = True
+                self._free, self._targets = queue.SimpleQueue(), {}
+
+    def _hand_on(self, stage: mmap.mmap, filled: int) -> None:
+        """The staging buffer's ``filled`` bytes to the disk thread and to the hasher at once; the buffer is free
+        again once both are done with it."""
+        block = memoryview(stage)[:filled]
+        users = [2]
+        lock = threading.Lock()
+
+        def done() -> None:
+            with lock:
+                users[0] -= 1
+                free = users[0] == 0
+            if free:
+                with self._stage_lock:
+                    if not self._copied:
+                        self._free.put(stage)
+
+        self._to_disk.put((block, done))
+        self._hash.update(block, done)
+
+    def _write_out(self) -> None:
+        """The disk thread: each staging buffer handed on, in order; at the end, the fsync, while the next file is
+        produced."""
+        try:
+            while (item := self._to_disk.get()) is not None:
+                block, done = item
+                try:
+                    if self._error is None:
+                        with timings.timed("writing"):
+                            self._file.write(block)
                 except BaseException as exc:  # noqa: BLE001 - handed to the producing thread
                     self._error = exc
-            self._budget.release(_nbytes(block))
-            if isinstance(block, torch.Tensor):
-                self._release(block)
-        try:
+                finally:
+                    done()
             if self._error is None:
                 with timings.timed("writing"):
-                    if filled:
-                        self._write_stage(stage, filled)
-                    self._file.sync()  # this file goes to disk now, while the next one is produced
+                    self._file.sync()
         except BaseException as exc:  # noqa: BLE001
             self._error = exc
         finally:
-            self._hash.finish()
             self._file.close()
 
     def _target(self, stage: mmap.mmap) -> torch.Tensor:
@@ -238,12 +286,6 @@ class SafetensorsStream:
         if target is None:
             target = self._targets[id(stage)] = torch.frombuffer(stage, dtype=torch.uint8)
         return target
-
-    def _write_stage(self, stage: mmap.mmap, filled: int) -> None:
-        """Write the staging buffer's ``filled`` bytes, then have them hashed; the buffer is free again after."""
-        block = memoryview(stage)[:filled]
-        self._file.write(block)
-        self._hash.update(block, lambda: self._free.put(stage))
 
     def _put(self, block: Any) -> None:
         if self._error is not None:
@@ -264,17 +306,15 @@ class SafetensorsStream:
         self._put(piece)
 
     def finish(self) -> None:
-        """No more tensors: the background thread writes what is queued, then fsyncs the file."""
+        """No more tensors: the background threads write what is queued, then fsync the file."""
         self._queue.put(None)
 
     def close(self) -> str:
         """Wait for the file to be written, fsynced and hashed; return its sha256; raise the writer's error if
         any."""
         self._thread.join()
-        try:
-            digest = self._hash.result()
-        finally:
-            self._free, self._targets = queue.SimpleQueue(), {}  # the staging buffers go back to the OS now
+        self._disk.join()
+        digest = self._hash.result()
         if self._error is not None:
             raise self._error
         return digest
@@ -283,9 +323,9 @@ class SafetensorsStream:
         self._error = self._error or RuntimeError("aborted")
         self._queue.put(None)
         self._thread.join()
+        self._disk.join()
         with contextlib.suppress(BaseException):
             self._hash.result()
-        self._free, self._targets = queue.SimpleQueue(), {}
 
 
 class ReadAhead:

@@ -47,7 +47,9 @@ class UnitMerger:
 
     def _materialise(self, unit: MergeUnit, inputs: dict[str, torch.Tensor]) -> torch.nn.Module:
         module = self.peft.get_submodule(unit.path)
-        state = {name: t.to(self.device, torch.float32, non_blocking=True) for name, t in inputs.items()}
+        # The stored bytes to the merge device, then float32 there (a 100 MB bfloat16 layer on the H200 machine:
+        # 13.6 ms, against 14.5 ms for one ``to(device, float32)``).
+        state = {name: t.to(self.device, non_blocking=True).to(torch.float32) for name, t in inputs.items()}
         module.load_state_dict(state, assign=True, strict=True)
         # What PEFT created without saving it (a projection from a PRNG seed) is on the CPU: with the unit.
         module.to(self.device)
