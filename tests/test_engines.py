@@ -129,8 +129,8 @@ def test_reads_are_cpu_tensors_whatever_the_default_device(pano_run):
 
 @pytest.mark.parametrize("engine", ["streaming", "full"])
 def test_shards_written_at_once_are_the_shards_written_in_turn(pano_run, tmp_path, monkeypatch, engine):
-    """A sharded export written three files at once (as on a machine of 12 cores or more) is byte for byte the
-    export written one file at a time, and its manifest records the same sha256s."""
+    """A sharded export written three files at once (``CKPT2HF_FILES_AT_ONCE=3``) is byte for byte the export
+    written one file at a time, and its manifest records the same sha256s."""
     from converter.names import FILES_AT_ONCE
 
     exports = {}

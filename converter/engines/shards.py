@@ -78,7 +78,7 @@ class FileSet:
     tensors in its own order, the open files interleaved (the next tensor always comes from the open file with the
     most bytes still to write, so that they finish together); a file opens when another one is done. Each file's
     bytes are what writing the files one after the other gives. Every stream shares one byte budget for what is
-    queued and not yet copied, so memory is the same whatever ``at_once``.
+    queued and not yet copied, whatever ``at_once``; each open file adds its own staging buffers.
     """
 
     def __init__(
