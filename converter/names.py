@@ -51,4 +51,5 @@ ADAPTER = "adapter"
 BUFFERED_WRITES = "CKPT2HF_BUFFERED_WRITES"
 # How many of a sharded export's files are written at once (engines/shards.py; default 1)
 FILES_AT_ONCE = "CKPT2HF_FILES_AT_ONCE"
+TRACE = "CKPT2HF_TRACE"  # a file: the conversion's stages, thread by thread, as a Chrome trace (timings.py)
 DEFER_BITSANDBYTES = "CKPT2HF_DEFER_BITSANDBYTES"  # "1": the command line marked bitsandbytes unavailable (cli.py)

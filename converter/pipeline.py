@@ -92,7 +92,7 @@ def convert(opts: ConvertOptions, started: float | None = None) -> dict[str, Any
     """
     with timings.recording(started) as clock:
         import_heavy_modules()
-        clock.add("importing", time.perf_counter() - clock.started)
+        clock.add("importing", time.perf_counter() - clock.started, clock.started)
         result = _plan_and_convert(opts)
         return result if opts.dry_run else {**result, "timings": clock.record()}
 
@@ -147,7 +147,13 @@ def _convert(opts: ConvertOptions, plan: Plan, opened: Opened, out: Path, device
             for part in plan.parts:
                 folder = stage / part.out if part.out else stage
                 log.info("writing %s (%s engine)", part.name, engine.name)
-                written = engine.write(part, folder, opts.verify)
+                try:
+                    written = engine.write(part, folder, opts.verify)
+                except ConvertError:
+                    # Checksums are checked on other threads while the data is used: a corrupt source explains
+                    # what failed after it was read (a merge gone to NaN, say), and is what is reported.
+                    sources.wait()
+                    raise
                 refuse_unchanged(
                     written.part,
                     lambda p=written.part: trained_copies_differ(p, sources),

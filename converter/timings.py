@@ -19,17 +19,22 @@ waiting for a staging buffer that the disk or the hasher still holds: the stage 
 the conversion.
 
 One conversion at a time per process records (``recording``); outside one, ``timed`` and ``add`` cost a clock read
-and record nothing. This module must not import torch.
+and record nothing. With ``CKPT2HF_TRACE=<file>`` in the environment, every timed block is also written to that file
+at the end, thread by thread, in the Trace Event format that Perfetto and chrome://tracing show: which stage waited
+for which, over time. This module must not import torch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Iterator
+
+from .names import TRACE
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +45,33 @@ WAITS = ("waiting_for_reads", "waiting_for_writes", "waiting_for_disk")
 class Timings:
     """Seconds per stage of one conversion (thread-safe)."""
 
-    def __init__(self, started: float | None = None) -> None:
+    def __init__(self, started: float | None = None, trace: bool = False) -> None:
         self.started = time.perf_counter() if started is None else started
         self.seconds = dict.fromkeys((*STAGES, *WAITS), 0.0)
+        self.events: list[tuple[str, str, float, float]] | None = [] if trace else None  # stage, thread, start, s
         self._lock = threading.Lock()
 
-    def add(self, stage: str, seconds: float) -> None:
+    def add(self, stage: str, seconds: float, start: float | None = None) -> None:
         with self._lock:
             self.seconds[stage] += seconds
+            if self.events is not None and start is not None:
+                thread = threading.current_thread()
+                self.events.append((stage, f"{thread.name} {thread.ident}", start, seconds))
+
+    def write_trace(self, path: str) -> None:
+        """The timed blocks as Trace Event "complete" events, microseconds from ``started``, a track per thread."""
+        with self._lock:
+            events = list(self.events or ())
+        threads = {name: i for i, name in enumerate(dict.fromkeys(thread for _, thread, _, _ in events))}
+        trace = [{"ph": "M", "name": "thread_name", "pid": 1, "tid": i, "args": {"name": name}}
+                 for name, i in threads.items()]  # fmt: skip
+        trace += [
+            {"ph": "X", "name": stage, "pid": 1, "tid": threads[thread], "ts": round((start - self.started) * 1e6),
+             "dur": round(seconds * 1e6)}
+            for stage, thread, start, seconds in events
+        ]  # fmt: skip
+        with open(path, "w") as fh:
+            json.dump({"traceEvents": trace, "displayTimeUnit": "ms"}, fh)
 
     def record(self) -> dict[str, float]:
         """Each stage's seconds, then ``total`` (wall seconds since ``started``), rounded to microseconds (hashing
@@ -61,11 +85,12 @@ class Timings:
 _current: Timings | None = None
 
 
-def add(stage: str, seconds: float) -> None:
-    """Count ``seconds`` to ``stage`` of the conversion recording now (none: nothing)."""
+def add(stage: str, seconds: float, start: float | None = None) -> None:
+    """Count ``seconds`` to ``stage`` of the conversion recording now (none: nothing); ``start``: when they began
+    (``perf_counter``), for the trace."""
     current = _current
     if current is not None:
-        current.add(stage, seconds)
+        current.add(stage, seconds, start)
 
 
 @contextlib.contextmanager
@@ -75,7 +100,7 @@ def timed(stage: str) -> Iterator[None]:
     try:
         yield
     finally:
-        add(stage, time.perf_counter() - started)
+        add(stage, time.perf_counter() - started, started)
 
 
 @contextlib.contextmanager
@@ -83,13 +108,16 @@ def recording(started: float | None = None, importing: float = 0.0) -> Iterator[
     """Record the stages of the conversion run inside the block (``started``: when it began, by ``perf_counter``;
     ``importing``: seconds spent importing before it); the debug log gets the figures at the end."""
     global _current
-    previous, _current = _current, Timings(started)
-    _current.add("importing", importing)
+    trace = os.environ.get(TRACE)
+    previous, _current = _current, Timings(started, trace=bool(trace))
+    _current.add("importing", importing, _current.started)
     try:
         yield _current
     finally:
         timings, _current = _current, previous
         log.debug("seconds per stage: %s", ", ".join(f"{k} {v:.2f}" for k, v in timings.record().items()))
+        if trace:
+            timings.write_trace(trace)
 
 
 def since_process_start() -> float:

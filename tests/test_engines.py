@@ -143,3 +143,37 @@ def test_shards_written_at_once_are_the_shards_written_in_turn(pano_run, tmp_pat
     shards = [name for name in exports["1"][0] if name.startswith("language_model/model-")]
     assert len(shards) > 3  # more files than are open at once
     assert exports["3"] == exports["1"]
+
+
+@pytest.mark.parametrize("piece", [None, 4096])
+def test_verification_reads_every_copied_tensor_back_and_catches_a_changed_byte(pano_run, tmp_path, monkeypatch, piece):
+    """Copied tensors are read back from the written files (in pieces on several threads, ``READ_BACK_PIECE``, the
+    CRC-32 put together from theirs): a byte the disk changed after it was written, anywhere in a tensor, is an
+    error naming the tensor, and nothing is left at ``out``; untouched, the same pieces pass."""
+    import json
+    import re
+
+    from converter.engines import streaming
+
+    if piece is not None:
+        monkeypatch.setattr(streaming, "READ_BACK_PIECE", piece)
+    run_convert(pano_run, tmp_path / "clean", engine="streaming", verify=True)
+    verify = streaming.StreamingWritten.verify
+
+    def verify_after_the_disk_changed_a_byte(self, folder):
+        path = folder / "model.safetensors"
+        if path.parent.name == "language_model":
+            raw = bytearray(path.read_bytes())
+            header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+            begin, end = header["model.embed_tokens.weight"]["data_offsets"]
+            start = 8 + int.from_bytes(raw[:8], "little")
+            raw[start + (begin + end) // 2 + 1] ^= 0x10  # in the middle: a later piece than the first
+            path.write_bytes(bytes(raw))
+        return verify(self, folder)
+
+    monkeypatch.setattr(streaming.StreamingWritten, "verify", verify_after_the_disk_changed_a_byte)
+    with pytest.raises(ConvertError) as failed:
+        run_convert(pano_run, tmp_path / "out", engine="streaming", verify=True)
+    said = r"^.*language_model: model\.embed_tokens\.weight was not written exactly; the disk may be failing$"
+    assert re.match(said, str(failed.value)), str(failed.value)
+    assert not (tmp_path / "out").exists()

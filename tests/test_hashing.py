@@ -163,7 +163,8 @@ def test_files_written_at_once_hold_the_bytes_of_files_written_in_turn(tmp_path,
     assert written[1] == written[at_once]
 
 
-def test_files_at_once_comes_from_the_environment_else_one(monkeypatch):
+def test_files_at_once_comes_from_the_environment_else_one_per_four_cores(monkeypatch):
+    from converter.engines import shards
     from converter.engines.shards import files_at_once
     from converter.errors import ConvertError
     from converter.names import FILES_AT_ONCE
@@ -175,7 +176,9 @@ def test_files_at_once_comes_from_the_environment_else_one(monkeypatch):
     with pytest.raises(ConvertError, match=said):
         files_at_once()
     monkeypatch.delenv(FILES_AT_ONCE)
-    assert files_at_once() == 1
+    for cores, expected in ((None, 1), (2, 1), (7, 1), (8, 2), (16, 4), (128, 4)):
+        monkeypatch.setattr(shards.os, "cpu_count", lambda c=cores: c)
+        assert files_at_once() == expected, cores
 
 
 def test_a_finished_file_gives_its_staging_buffers_back_before_the_next_opens(tmp_path, monkeypatch):
@@ -214,3 +217,14 @@ def test_a_finished_file_gives_its_staging_buffers_back_before_the_next_opens(tm
             files.done(filename)
     digests = files.close()
     assert digests == {f: hashlib.sha256((tmp_path / f).read_bytes()).hexdigest() for f in layout.files}
+
+
+def test_crc32_combine_gives_the_crc32_of_the_bytes_one_after_the_other():
+    import os
+    import zlib
+
+    from converter.sources.pread import crc32_combine
+
+    for first, second in ((0, 0), (0, 5), (5, 0), (1, 1), (1000, 12345), (7, 1 << 20)):
+        a, b = os.urandom(first), os.urandom(second)
+        assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b), (first, second)

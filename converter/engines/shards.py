@@ -16,7 +16,7 @@ import torch
 
 from ..errors import ConvertError
 from ..names import FILES_AT_ONCE, SAFETENSORS_METADATA, SHARD_PATTERN, WEIGHTS, WEIGHTS_INDEX
-from .streams import IN_FLIGHT_BYTES, ByteBudget, SafetensorsStream
+from .streams import Budgets, SafetensorsStream
 
 if TYPE_CHECKING:
     from ..plan import PartPlan
@@ -54,21 +54,21 @@ class FileLayout:
 
 
 def files_at_once() -> int:
-    """How many files of a sharded export are written at once: ``CKPT2HF_FILES_AT_ONCE`` if set, else 1.
+    """How many files of a sharded export are written at once: ``CKPT2HF_FILES_AT_ONCE`` if set, else one per four
+    cores, at most 4 (so 1 on a machine of up to 7 cores).
 
-    A file's sha256 runs front to back on one core (1.1 to 1.4 GB/s with SHA extensions), no faster than a durable
-    copy of the file, while the H200 machine's disk takes direct writes at 2.6 GB/s. The writer alone
-    (``bench/writes.py``, 12 GB in 4 files, 16 MB buffers) takes 1.06x the floor one file at a time and 0.76x four
-    at a time. A whole 8B conversion gains less (19.8 s four at a time against 19.1 and 24.3 s one at a time),
-    because the producer, not the writer, sets its pace, and its peak RSS rises from 1.78 to 2.25 GB: one file at a
-    time stays the default."""
+    A file's sha256 runs front to back on one core (1.3 to 1.6 GB/s with SHA extensions), no faster than a durable
+    copy of the file, while the H200 machine's disk takes direct writes at 2.6 GB/s: only files hashed side by side
+    keep the disk busy. On that machine (16 cores) an 8B conversion takes 15.4 s one file at a time, 14.3 s two at a
+    time and 11.4 s four at a time (the floor: 10.5 s). Each open file takes a core for its hash and a little of
+    another for its copier and disk thread, and 48 MB of staging buffers."""
     chosen = os.environ.get(FILES_AT_ONCE)
     if chosen:
         try:
             return max(1, int(chosen))
         except ValueError:
             raise ConvertError(f"{FILES_AT_ONCE}={chosen!r}: not a number of files; unset it or give one") from None
-    return 1
+    return max(1, min(4, (os.cpu_count() or 1) // 4))
 
 
 class FileSet:
@@ -77,8 +77,8 @@ class FileSet:
     ``order`` is the order in which the producer must hand over the tensors, as ``(file, tensor)``: each file's
     tensors in its own order, the open files interleaved (the next tensor always comes from the open file with the
     most bytes still to write, so that they finish together); a file opens when another one is done. Each file's
-    bytes are what writing the files one after the other gives. Every stream shares one byte budget for what is
-    queued and not yet copied, whatever ``at_once``; each open file adds its own staging buffers.
+    bytes are what writing the files one after the other gives. Every stream shares the byte budgets for what is
+    queued and not yet copied (``Budgets``), whatever ``at_once``; each open file adds its own staging buffers.
     """
 
     def __init__(
@@ -90,7 +90,7 @@ class FileSet:
         at_once: int | None = None,
     ) -> None:
         self.folder, self.layout, self.entries, self.release = folder, layout, entries, release
-        self._budget = ByteBudget(IN_FLIGHT_BYTES)
+        self._budgets = Budgets()
         self._streams: dict[str, SafetensorsStream] = {}
         self._left = {filename: len(names) for filename, names in layout.files.items()}
         self.order = self._schedule(at_once or files_at_once())
@@ -124,7 +124,7 @@ class FileSet:
         if stream is None:
             entries = [(n, *self.entries[n]) for n in self.layout.files[filename]]
             stream = self._streams[filename] = SafetensorsStream(
-                self.folder / filename, entries, dict(SAFETENSORS_METADATA), self.release, self._budget
+                self.folder / filename, entries, dict(SAFETENSORS_METADATA), self.release, self._budgets
             )
         return stream
 

@@ -142,6 +142,36 @@ def _nbytes(block: Any) -> int:
     return block.numel() * block.element_size() if isinstance(block, torch.Tensor) else len(block)
 
 
+def _on_device(block: Any) -> bool:
+    return isinstance(block, torch.Tensor) and block.device.type != "cpu"
+
+
+DEVICE_IN_FLIGHT_BYTES = 512 << 20  # accelerator memory the producer may hand on before the copiers have copied it
+
+
+class Budgets:
+    """The byte budgets of one set of streams: for blocks in host memory (``IN_FLIGHT_BYTES``: they count towards
+    the process's resident memory) and for blocks still on an accelerator (``DEVICE_IN_FLIGHT_BYTES``: the copier
+    copies them to the host itself, so the producer goes on merging while they are copied)."""
+
+    def __init__(self, host: int = IN_FLIGHT_BYTES, device: int = DEVICE_IN_FLIGHT_BYTES) -> None:
+        self.host, self.device = ByteBudget(host), ByteBudget(device)
+
+    def of(self, block: Any) -> ByteBudget:
+        return self.device if _on_device(block) else self.host
+
+
+def _cuda_register(target: torch.Tensor) -> bool:
+    """Page-lock a staging buffer for the CUDA driver (``cudaHostRegister``), so that copies from the GPU into it run
+    by DMA at the bus's speed, not through the driver's own bounce buffer; False where the driver refuses."""
+    cudart = torch.cuda.cudart()
+    return cudart.cudaHostRegister(target.data_ptr(), target.numel(), 0) == cudart.cudaError.success
+
+
+def _cuda_unregister(ptr: int) -> None:
+    torch.cuda.cudart().cudaHostUnregister(ptr)
+
+
 class SafetensorsStream:
     """Writes a safetensors file whose tensors are known up front, on three threads of its own: a copier gathers the
     producer's bytes, in header order, into staging buffers; each full buffer goes both to a disk thread, which writes
@@ -155,10 +185,10 @@ class SafetensorsStream:
         entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
         metadata: dict,
         release: Any = None,
-        budget: ByteBudget | None = None,
+        budgets: Budgets | None = None,
     ) -> None:
-        """``budget``: bounds the bytes queued for writing and not yet copied (shared by the streams of one
-        ``FileSet``); a budget of its own by default."""
+        """``budgets``: bound the bytes queued for writing and not yet copied (shared by the streams of one
+        ``FileSet``); budgets of its own by default."""
         header: dict[str, Any] = {"__metadata__": metadata}
         offset = 0
         self.order = []
@@ -182,12 +212,14 @@ class SafetensorsStream:
         self._free: queue.SimpleQueue = queue.SimpleQueue()  # staging buffers neither queued, written nor hashed
         self._copied = False  # the copier is done: buffers the disk and the hasher give back are dropped
         self._stage_lock = threading.Lock()
-        for _ in range(STAGES):
-            self._free.put(mmap.mmap(-1, STAGE_BYTES))  # anonymous mappings are page-aligned
+        self._stages = [mmap.mmap(-1, STAGE_BYTES) for _ in range(STAGES)]  # anonymous mappings are page-aligned
+        for stage in self._stages:
+            self._free.put(stage)
         self._targets: dict[int, torch.Tensor] = {}  # id of a staging buffer -> a tensor over it
+        self._pinned: dict[int, int] | None = None  # id of a staging buffer -> its address, once page-locked
         self._queue: queue.Queue = queue.Queue()  # the producer's blocks, for the copier
         self._to_disk: queue.SimpleQueue = queue.SimpleQueue()  # full staging buffers, for the disk thread
-        self._budget = budget or ByteBudget(IN_FLIGHT_BYTES)  # queued for writing
+        self._budgets = budgets or Budgets()  # queued for writing
         self._error: BaseException | None = None
         self._disk = threading.Thread(target=self._write_out, name="ckpt2hf-disk", daemon=True)
         self._disk.start()
@@ -213,6 +245,8 @@ class SafetensorsStream:
             while (block := self._queue.get()) is not None:
                 if self._error is None:
                     try:
+                        if self._pinned is None and _on_device(block) and block.device.type == "cuda":
+                            self._pin_stages()
                         view = self._bytes(block)
                         done, target = 0, self._target(stage)
                         while done < len(view):
@@ -227,7 +261,7 @@ class SafetensorsStream:
                                 target = self._target(stage)
                     except BaseException as exc:  # noqa: BLE001 - handed to the producing thread
                         self._error = exc
-                self._budget.release(_nbytes(block))
+                self._budgets.of(block).release(_nbytes(block))
                 if isinstance(block, torch.Tensor):
                     self._release(block)
             if self._error is None and filled:
@@ -237,7 +271,18 @@ class SafetensorsStream:
             self._hash.finish()
             with self._stage_lock:  # the staging buffers go back to the OS as the disk and the hasher finish
                 self._copied = True
-                self._free, self._targets = queue.SimpleQueue(), {}
+                self._free, self._targets, self._stages = queue.SimpleQueue(), {}, []
+            for ptr in (self._pinned or {}).values():  # nothing more is copied into them
+                _cuda_unregister(ptr)
+
+    def _pin_stages(self) -> None:
+        """Page-lock the staging buffers (at the first block on a CUDA device; the copier is the only thread that
+        copies into them, the disk and the hasher only read them)."""
+        self._pinned = {}
+        for stage in self._stages:
+            target = self._target(stage)
+            if _cuda_register(target):
+                self._pinned[id(stage)] = target.data_ptr()
 
     def _hand_on(self, stage: mmap.mmap, filled: int) -> None:
         """The staging buffer's ``filled`` bytes to the disk thread and to the hasher at once; the buffer is free
@@ -291,7 +336,7 @@ class SafetensorsStream:
         if self._error is not None:
             raise self._error
         with timings.timed("waiting_for_writes"):
-            self._budget.acquire(_nbytes(block))
+            self._budgets.of(block).acquire(_nbytes(block))
         self._queue.put(block)
 
     def write(self, name: str, piece: torch.Tensor) -> None:
@@ -301,7 +346,8 @@ class SafetensorsStream:
             self._left = self._current[1]
         if name != self._current[0]:
             raise RuntimeError(f"expected {self._current[0]}, got {name}")
-        piece = piece.detach().to("cpu").contiguous()
+        # A block on an accelerator stays there: the copier copies it into its (page-locked) staging buffers.
+        piece = piece.detach().contiguous()
         self._left -= piece.numel() * piece.element_size()
         self._put(piece)
 

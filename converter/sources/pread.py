@@ -27,6 +27,10 @@ POOL_BYTES = 128 << 20
 # Threads that check CRC-32s (about 1-3 GB/s each with zlib): one record's pieces are folded in order on one of
 # them, consecutive records on different ones, so that the checks keep up with reads from the page cache.
 CRC_LANES = max(1, min(4, os.cpu_count() or 1))
+# A read of a large tensor is split over this many threads (pieces of PARALLEL_PIECE bytes and more): one thread
+# copies from the page cache at a few GB/s, which alone would bound a conversion on a fast disk and GPU.
+READ_THREADS = max(1, min(4, os.cpu_count() or 1))
+PARALLEL_PIECE = 16 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +196,55 @@ class CrcLanes:
         self._lane_of.clear()
 
 
+def _gf2_times(matrix: list[int], vector: int) -> int:
+    total, row = 0, 0
+    while vector:
+        if vector & 1:
+            total ^= matrix[row]
+        vector >>= 1
+        row += 1
+    return total
+
+
+def _gf2_square(matrix: list[int]) -> list[int]:
+    return [_gf2_times(matrix, row) for row in matrix]
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """The CRC-32 of two byte strings one after the other, from their CRC-32s and the second one's length (zlib's
+    ``crc32_combine``, which Python's zlib does not offer): a tensor's checksum from pieces checked on several
+    threads."""
+    if len2 <= 0:
+        return crc1
+    odd = [0xEDB88320] + [1 << n for n in range(31)]  # the operator that appends one zero bit
+    even = _gf2_square(odd)  # two zero bits
+    odd = _gf2_square(even)  # four
+    while True:  # append len2 zero bytes to crc1, squaring the operator for each bit of len2
+        even = _gf2_square(odd)
+        if len2 & 1:
+            crc1 = _gf2_times(even, crc1)
+        len2 >>= 1
+        if not len2:
+            break
+        odd = _gf2_square(even)
+        if len2 & 1:
+            crc1 = _gf2_times(odd, crc1)
+        len2 >>= 1
+        if not len2:
+            break
+    return crc1 ^ crc2
+
+
+def _pread_all(path: Path, fd: int, offset: int, view: memoryview) -> None:
+    """Fill ``view`` with the file's bytes from ``offset`` (``pread`` may read less than asked for)."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise ConvertError(f"{path}: ends before the tensor data at byte {offset + done}; truncated")
+        done += n
+
+
 class SpanReader:
     """Reads spans with ``os.pread`` into pooled buffers; verifies each zip record's CRC-32 when it is read whole.
 
@@ -209,9 +262,13 @@ class SpanReader:
         self._lock = threading.Lock()
         self._crcs = CrcLanes()  # wait_crc() collects their verdicts
         self._claimed: set[tuple[Path, int]] = set()  # (file, record offset): records checked or being checked
+        self._readers: ThreadPoolExecutor | None = None  # the other threads of a large read
 
     def close(self) -> None:
         self._crcs.close()
+        if self._readers is not None:
+            self._readers.shutdown(wait=True)
+            self._readers = None
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -236,15 +293,25 @@ class SpanReader:
         return fd
 
     def pread(self, path: Path, offset: int, out: torch.Tensor) -> None:
-        """Fill the contiguous CPU tensor ``out`` with the file's bytes from ``offset``."""
+        """Fill the contiguous CPU tensor ``out`` with the file's bytes from ``offset`` (a large one on several
+        threads at once, ``READ_THREADS``)."""
         view = tensor_bytes(out)
-        fd, done = self._fd(path), 0
+        fd = self._fd(path)
+        pieces = min(READ_THREADS, len(view) // PARALLEL_PIECE)
         with timings.timed("reading"):
-            while done < len(view):
-                n = os.preadv(fd, [view[done:]], offset + done)
-                if n <= 0:
-                    raise ConvertError(f"{path}: ends before the tensor data at byte {offset + done}; truncated")
-                done += n
+            if pieces < 2:
+                _pread_all(path, fd, offset, view)
+                return
+            step = -(-len(view) // pieces)
+            step += -step % 4096  # page-aligned pieces
+            with self._lock:
+                if self._readers is None:
+                    self._readers = ThreadPoolExecutor(READ_THREADS - 1, thread_name_prefix="ckpt2hf-pread")
+            starts = range(step, len(view), step)
+            futures = [self._readers.submit(_pread_all, path, fd, offset + s, view[s : s + step]) for s in starts]
+            _pread_all(path, fd, offset, view[:step])
+            for future in futures:
+                future.result()
 
     # --- buffers -------------------------------------------------------------------------------------------
     def lend(self, nbytes: int) -> torch.Tensor:
@@ -307,12 +374,14 @@ class SpanReader:
     def rows_per_chunk(self, span: Span) -> int:
         return max(1, self.chunk_bytes // max(1, span.row_bytes))
 
-    def crc(self, span: Span) -> int:
-        """CRC-32 of the span's bytes, read in pooled chunks (nothing is verified or claimed)."""
-        crc = 0
-        for start in range(0, span.rows, self.rows_per_chunk(span)):
-            stop = min(span.rows, start + self.rows_per_chunk(span))
-            piece = self.rows(span, start, stop, pooled=True) if span.shape else self.rows(span, 0, 1)
+    def crc(self, span: Span, start: int = 0, stop: int | None = None) -> int:
+        """CRC-32 of the span's bytes (of rows ``start:stop`` only, if given), read in pooled chunks (nothing is
+        verified or claimed)."""
+        stop = span.rows if stop is None else stop
+        crc, step = 0, self.rows_per_chunk(span)
+        for first in range(start, stop, step):
+            last = min(stop, first + step)
+            piece = self.rows(span, first, last, pooled=True) if span.shape else self.rows(span, 0, 1)
             crc = zlib.crc32(tensor_bytes(piece), crc)
             self.release(piece)
         return crc
