@@ -177,3 +177,25 @@ def test_verification_reads_every_copied_tensor_back_and_catches_a_changed_byte(
     said = r"^.*language_model: model\.embed_tokens\.weight was not written exactly; the disk may be failing$"
     assert re.match(said, str(failed.value)), str(failed.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_large_read_on_several_threads_checks_its_crc32_piece_by_piece(tmp_path):
+    """A tensor of several ``PARALLEL_PIECE``s is read by several threads, each checking its own piece's CRC-32,
+    put together for the record: the bytes as stored, and a byte changed in a later piece is caught."""
+    import os
+    import zlib
+
+    from converter.sources import pread
+
+    nbytes = 3 * pread.PARALLEL_PIECE + 4096 * 3 + 8  # pieces of unequal length
+    data = bytearray(os.urandom(nbytes + 100))
+    path = tmp_path / "data.bin"
+    path.write_bytes(bytes(data))
+    record = pread.Record("archive/data/0", 100, nbytes, zlib.crc32(data[100:]))
+    span = pread.Span(path, 100, torch.uint8, (nbytes,), record)
+    with pread.SpanReader() as reader:
+        assert reader.read(span, check_now=True).numpy().tobytes() == bytes(data[100:])
+    data[100 + nbytes - 10] ^= 1
+    path.write_bytes(bytes(data))
+    with pread.SpanReader() as reader, pytest.raises(ConvertError, match="archive/data/0 fails its CRC-32 check"):
+        reader.read(span, check_now=True)

@@ -223,7 +223,7 @@ def test_crc32_combine_gives_the_crc32_of_the_bytes_one_after_the_other():
     import os
     import zlib
 
-    from converter.sources.pread import crc32_combine
+    from converter.sources.crc import crc32_combine
 
     for first, second in ((0, 0), (0, 5), (5, 0), (1, 1), (1000, 12345), (7, 1 << 20)):
         a, b = os.urandom(first), os.urandom(second)

@@ -33,7 +33,7 @@ from ..plan import OutTensor, PartPlan
 from ..policy import cast_checked, settled_tie, tolerance
 from ..sources import Sources, TensorRef
 from ..sources.base import SpanSource
-from ..sources.pread import crc32_combine
+from ..sources.crc import crc32_combine
 from ..sources.safetensors import SafetensorsSource
 from .base import Engine, Written
 from .shards import FileLayout, FileSet

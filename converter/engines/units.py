@@ -41,17 +41,10 @@ class UnitMerger:
         self.idle: list[str] = []
 
     def read(self, unit: MergeUnit) -> dict[str, torch.Tensor]:
-        """The source tensors of one unit, each in a buffer of its own. Runs on the read thread.
-
-        The merge adds into the wrapped module's weights in place. Where a weight is materialised in its own buffer
-        (float32 on the CPU), the checksum is checked before the merge changes it; elsewhere the merge works on a
-        copy (on the merge device, or in float32), and the checksum is checked on the CRC-32 threads meanwhile, as
-        for copied tensors (``Sources.wait`` collects the verdicts before anything is committed)."""
-        return {name: self.sources.read(ref, writable=self._in_place(ref), pooled=True) for name, ref in unit.inputs}
-
-    def _in_place(self, ref: Any) -> bool:
-        """Whether the merge would change the buffer ``ref`` is read into (``_materialise`` keeps it as it is)."""
-        return self.device.type == "cpu" and self.sources.info(ref).dtype == torch.float32
+        """The source tensors of one unit, each in a buffer of its own with its checksum checked (as it is read, on
+        the reading threads): the merge adds into the wrapped module's weights in place. Runs on the read
+        thread."""
+        return {name: self.sources.read(ref, writable=True, pooled=True) for name, ref in unit.inputs}
 
     def _materialise(self, unit: MergeUnit, inputs: dict[str, torch.Tensor]) -> torch.nn.Module:
         module = self.peft.get_submodule(unit.path)

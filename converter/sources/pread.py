@@ -13,20 +13,17 @@ import os
 import threading
 import zlib
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from .. import timings
 from ..errors import ConvertError
+from .crc import CrcLanes, crc32_combine
 
 CHUNK_BYTES = 8 << 20
 POOL_BYTES = 128 << 20
-# Threads that check CRC-32s (about 1-3 GB/s each with zlib): one record's pieces are folded in order on one of
-# them, consecutive records on different ones, so that the checks keep up with reads from the page cache.
-CRC_LANES = max(1, min(4, os.cpu_count() or 1))
 # A read of a large tensor is split over this many threads (pieces of PARALLEL_PIECE bytes and more): one thread
 # copies from the page cache at a few GB/s, which alone would bound a conversion on a fast disk and GPU.
 READ_THREADS = max(1, min(4, os.cpu_count() or 1))
@@ -137,102 +134,9 @@ class BufferPool:
                 self._refs[ptr] += 1
 
 
-class CrcLanes:
-    """Folds pieces of records into their CRC-32s on worker threads ("lanes"): a record's pieces in submission order
-    on the lane it was given at its first piece, consecutive records on different lanes. ``wait`` collects the
-    verdicts of what was submitted so far."""
-
-    def __init__(self, lanes: int = CRC_LANES) -> None:
-        self.lanes = lanes
-        self._workers: list[ThreadPoolExecutor] = []
-        self._turn = 0
-        self._lane_of: dict[tuple[Path, int], ThreadPoolExecutor] = {}
-        self._state: dict[tuple[Path, int], int] = {}  # record -> CRC-32 of its pieces so far
-        self._pending: list[Future] = []
-        self._lock = threading.Lock()
-
-    def submit(self, key: tuple[Path, int], data: memoryview, first: bool, last: bool, check: Any, done: Any) -> None:
-        """Fold ``data`` into record ``key``'s CRC-32; after its ``last`` piece call ``check(crc)``; then ``done()``
-        (the piece may be reused)."""
-
-        def step() -> None:
-            try:
-                with timings.timed("reading"):
-                    crc = zlib.crc32(data, 0 if first else self._state[key])
-                if last:
-                    self._state.pop(key, None)
-                    check(crc)
-                else:
-                    self._state[key] = crc
-            finally:
-                done()
-
-        self._pending.append(self._lane(key, first, last).submit(step))
-
-    def _lane(self, key: tuple[Path, int], first: bool, last: bool) -> ThreadPoolExecutor:
-        with self._lock:
-            lane = self._lane_of.get(key) if not first else None
-            if lane is None:
-                if len(self._workers) < self.lanes:
-                    self._workers.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt2hf-crc"))
-                lane = self._workers[self._turn % len(self._workers)]
-                self._turn += 1
-            if last:
-                self._lane_of.pop(key, None)
-            else:
-                self._lane_of[key] = lane
-            return lane
-
-    def wait(self) -> None:
-        """Wait for the pieces submitted so far; raise the first check's error."""
-        pending, self._pending = self._pending, []
-        for future in pending:
-            future.result()
-
-    def close(self) -> None:
-        for worker in self._workers:
-            worker.shutdown(wait=True, cancel_futures=True)
-        self._workers.clear()
-        self._lane_of.clear()
-
-
-def _gf2_times(matrix: list[int], vector: int) -> int:
-    total, row = 0, 0
-    while vector:
-        if vector & 1:
-            total ^= matrix[row]
-        vector >>= 1
-        row += 1
-    return total
-
-
-def _gf2_square(matrix: list[int]) -> list[int]:
-    return [_gf2_times(matrix, row) for row in matrix]
-
-
-def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
-    """The CRC-32 of two byte strings one after the other, from their CRC-32s and the second one's length (zlib's
-    ``crc32_combine``, which Python's zlib does not offer): a tensor's checksum from pieces checked on several
-    threads."""
-    if len2 <= 0:
-        return crc1
-    odd = [0xEDB88320] + [1 << n for n in range(31)]  # the operator that appends one zero bit
-    even = _gf2_square(odd)  # two zero bits
-    odd = _gf2_square(even)  # four
-    while True:  # append len2 zero bytes to crc1, squaring the operator for each bit of len2
-        even = _gf2_square(odd)
-        if len2 & 1:
-            crc1 = _gf2_times(even, crc1)
-        len2 >>= 1
-        if not len2:
-            break
-        odd = _gf2_square(even)
-        if len2 & 1:
-            crc1 = _gf2_times(odd, crc1)
-        len2 >>= 1
-        if not len2:
-            break
-    return crc1 ^ crc2
+def _pread_piece(path: Path, fd: int, offset: int, view: memoryview, crc: bool) -> int | None:
+    _pread_all(path, fd, offset, view)
+    return zlib.crc32(view) if crc else None
 
 
 def _pread_all(path: Path, fd: int, offset: int, view: memoryview) -> None:
@@ -292,26 +196,31 @@ class SpanReader:
                     fd = self._fds[path] = os.open(path, os.O_RDONLY)
         return fd
 
-    def pread(self, path: Path, offset: int, out: torch.Tensor) -> None:
+    def pread(self, path: Path, offset: int, out: torch.Tensor, crc: bool = False) -> int | None:
         """Fill the contiguous CPU tensor ``out`` with the file's bytes from ``offset`` (a large one on several
-        threads at once, ``READ_THREADS``)."""
+        threads at once, ``READ_THREADS``); with ``crc``, return the CRC-32 of the bytes read, each thread's piece
+        checked while it is fresh in the CPU's cache."""
         view = tensor_bytes(out)
         fd = self._fd(path)
         pieces = min(READ_THREADS, len(view) // PARALLEL_PIECE)
         with timings.timed("reading"):
             if pieces < 2:
-                _pread_all(path, fd, offset, view)
-                return
+                return _pread_piece(path, fd, offset, view, crc)
             step = -(-len(view) // pieces)
             step += -step % 4096  # page-aligned pieces
             with self._lock:
                 if self._readers is None:
                     self._readers = ThreadPoolExecutor(READ_THREADS - 1, thread_name_prefix="ckpt2hf-pread")
             starts = range(step, len(view), step)
-            futures = [self._readers.submit(_pread_all, path, fd, offset + s, view[s : s + step]) for s in starts]
-            _pread_all(path, fd, offset, view[:step])
-            for future in futures:
-                future.result()
+            futures = [
+                self._readers.submit(_pread_piece, path, fd, offset + s, view[s : s + step], crc) for s in starts
+            ]
+            total = _pread_piece(path, fd, offset, view[:step], crc)
+            for start, future in zip(starts, futures, strict=True):
+                piece = future.result()
+                if crc:
+                    total = crc32_combine(total, piece, min(step, len(view) - start))
+            return total
 
     # --- buffers -------------------------------------------------------------------------------------------
     def lend(self, nbytes: int) -> torch.Tensor:
@@ -328,28 +237,32 @@ class SpanReader:
 
         ``pooled``: the tensor may live in a reused buffer; hand it back with ``release`` once consumed.
         """
+        return self._rows(span, start, stop, pooled)[0]
+
+    def _rows(
+        self, span: Span, start: int, stop: int, pooled: bool, crc: bool = False
+    ) -> tuple[torch.Tensor, int | None]:
         shape = (stop - start, *span.shape[1:]) if span.shape else ()
         nbytes = numel(shape) * span.dtype.itemsize
         if pooled and nbytes > 0:
             out = self.lend(nbytes)[:nbytes].view(span.dtype).view(shape)
         else:
             out = torch.empty(shape, dtype=span.dtype, device="cpu")
-        self.pread(span.path, span.offset + start * span.row_bytes, out)
-        return out
+        return out, self.pread(span.path, span.offset + start * span.row_bytes, out, crc)
 
     def read(self, span: Span, check_now: bool = False, pooled: bool = False) -> torch.Tensor:
         """The whole tensor, in a buffer of its own; its record's CRC-32 is checked.
 
-        ``check_now``: check the CRC-32 before returning (on this thread), so that the caller may modify the
-        tensor in place; otherwise the check runs on the worker thread and the caller must not modify it.
-        ``pooled``: the buffer is lent from the pool; hand it back with ``release`` once consumed.
+        ``check_now``: check the CRC-32 before returning (as the bytes are read, on the reading threads), so that
+        the caller may modify the tensor in place; otherwise the check runs on a CRC-32 thread and the caller must
+        not modify it. ``pooled``: the buffer is lent from the pool; hand it back with ``release`` once consumed.
         """
-        tensor = self.rows(span, 0, span.rows, pooled)
-        if not self.claim(span, whole=True):
+        covers = self.claim(span, whole=True)
+        tensor, crc = self._rows(span, 0, span.rows, pooled, crc=covers and check_now)
+        if not covers:
             self.check_record(span)
         elif check_now:
-            with timings.timed("reading"):
-                self.verify(span, zlib.crc32(tensor_bytes(tensor)))
+            self.verify(span, crc)
         else:
             self.crc_async(span, tensor, first=True, last=True)
         return tensor
