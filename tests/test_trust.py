@@ -368,6 +368,23 @@ def test_a_corrupt_tensor_checked_while_it_is_written_is_reported_as_corrupt(run
     assert "fails its CRC-32 check (stored " in line and line.endswith("the file is corrupt; re-copy it")
 
 
+def test_a_corrupt_weight_checked_while_it_merges_is_reported_as_corrupt(run_copy, tmp_path, capsys):
+    """A merged weight stored in bfloat16 is merged from a float32 copy, so its CRC-32 is checked on another thread
+    while the merge runs. Two bytes changed into a NaN break the merge before the check has its verdict; the line
+    still names the corrupt record, not the NaN it caused."""
+    from converter.sources import SpanReader, open_checkpoint
+
+    _edit_checkpoint(run_copy, lambda c: c["state_dict"].update({MERGED_BASE: c["state_dict"][MERGED_BASE].bfloat16()}))
+    with SpanReader() as reader:
+        span = open_checkpoint(_ckpt(run_copy), reader).source.spans[MERGED_BASE]
+    assert span.dtype == torch.bfloat16
+    data = bytearray(_ckpt(run_copy).read_bytes())
+    data[span.offset : span.offset + 2] = b"\xff\xff"  # the first element: a NaN
+    _ckpt(run_copy).write_bytes(bytes(data))
+    line = refused(capsys, run_copy, tmp_path, "--engine", "streaming", "--lora-from", "checkpoint")
+    assert "fails its CRC-32 check (stored " in line and line.endswith("the file is corrupt; re-copy it")
+
+
 # A child that may write files of at most 64 KiB (SIGXFSZ ignored, so that write() fails with EFBIG instead).
 SMALL_FILES = (
     "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
