@@ -1,11 +1,12 @@
 """The engines' writing, and the streaming engine's threads: a read-ahead producer and a safetensors writer with
 its hasher, handing work on through queues bounded in bytes, so that memory follows the size of a layer, not of the
-model. Both engines write every safetensors file through ``SafetensorsStream``: its copier gathers the bytes into a
-few aligned staging buffers, and each full buffer goes at once to a disk thread, which writes it straight to the
-disk (``O_DIRECT``, where the file system takes it: the kernel then neither copies it into page-cache pages nor
-writes those back later), and to a hasher, which hashes it meanwhile (never re-read). So the disk is never left idle
-while bytes are copied or hashed, and a finished shard's hasher keeps running while the next shard is produced.
-Which files a part has, and how many are written at once, is ``shards``'s."""
+model. Both engines write every safetensors file through ``SafetensorsStream``: its copier gathers the bytes (from
+host memory, or straight from the GPU into buffers it page-locks for the driver) into a few aligned staging
+buffers, and each full buffer goes at once to a disk thread, which writes it straight to the disk (``O_DIRECT``,
+where the file system takes it: the kernel then neither copies it into page-cache pages nor writes those back
+later), and to a hasher, which hashes it meanwhile (never re-read). So the disk is never left idle while bytes are
+copied or hashed, and a finished shard's hasher keeps running while the next shard is produced. Which files a part
+has, and how many are written at once, is ``shards``'s."""
 
 from __future__ import annotations
 
@@ -340,7 +341,8 @@ class SafetensorsStream:
         self._queue.put(block)
 
     def write(self, name: str, piece: torch.Tensor) -> None:
-        """Append the next bytes of tensor ``name`` (a whole tensor or the next rows of it)."""
+        """Append the next bytes of tensor ``name`` (a whole tensor or the next rows of it; on the CPU or a GPU,
+        which it must not be changed on until the copier has copied it: the producer hands it over)."""
         if self._left == 0:
             self._current = next(self._expected)
             self._left = self._current[1]
