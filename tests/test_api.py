@@ -76,6 +76,30 @@ def test_the_json_output_is_the_api_results_data(pano_run, tmp_path, capsys):
     )
 
 
+def test_a_trace_shows_each_threads_stages_over_time(pano_run, tmp_path, capsys, monkeypatch):
+    """``CKPT2HF_TRACE``: every timed block as a Trace Event "complete" event on its thread's track, in microseconds
+    from the process's start; per stage the events add up to ``timings``' seconds."""
+    from converter.names import TRACE
+
+    trace = tmp_path / "trace.json"
+    monkeypatch.setenv(TRACE, str(trace))
+    code, stdout, _ = cli(
+        capsys, "convert", pano_run, "--out", tmp_path / "out", "--engine", "streaming", "--quiet", "--json"
+    )
+    assert code == 0
+    timings = json.loads(stdout)["timings"]
+    events = json.loads(trace.read_text())["traceEvents"]
+    tracks = {e["tid"]: e["args"]["name"].split()[0] for e in events if e["ph"] == "M"}
+    spans = [e for e in events if e["ph"] == "X"]
+    assert {e["name"] for e in spans} <= {*STAGES, *WAITS} and all(e["dur"] >= 0 <= e["ts"] for e in spans)
+    assert {"MainThread", "ckpt2hf-read", "ckpt2hf-write", "ckpt2hf-disk", "ckpt2hf-hash"} <= set(tracks.values())
+    # the shards hashed as they are written; the small files (config, tokenizer) by the converting thread
+    assert {tracks[e["tid"]] for e in spans if e["name"] == "hashing"} == {"ckpt2hf-hash", "MainThread"}
+    for stage in ("importing", "planning", "merging", "hashing", "verifying"):
+        total = sum(e["dur"] for e in spans if e["name"] == stage) / 1e6
+        assert total == pytest.approx(timings[stage], abs=1e-3 + 1e-6 * len(spans)), stage
+
+
 def test_the_version_is_written_once(capsys):
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert "version" not in pyproject["project"] and pyproject["project"]["dynamic"] == ["version"]

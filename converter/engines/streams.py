@@ -169,6 +169,16 @@ def _cuda_register(target: torch.Tensor) -> bool:
     return cudart.cudaHostRegister(target.data_ptr(), target.numel(), 0) == cudart.cudaError.success
 
 
+def _page_lock(stages: list[mmap.mmap], target: Any) -> dict[int, int]:
+    """Page-lock the staging buffers (at a stream's first block on a CUDA device): id of a buffer -> its address."""
+    locked = {}
+    for stage in stages:
+        tensor = target(stage)
+        if _cuda_register(tensor):
+            locked[id(stage)] = tensor.data_ptr()
+    return locked
+
+
 def _cuda_unregister(ptr: int) -> None:
     torch.cuda.cudart().cudaHostUnregister(ptr)
 
@@ -247,7 +257,7 @@ class SafetensorsStream:
                 if self._error is None:
                     try:
                         if self._pinned is None and _on_device(block) and block.device.type == "cuda":
-                            self._pin_stages()
+                            self._pinned = _page_lock(self._stages, self._target)  # the copier alone writes them
                         view = self._bytes(block)
                         done, target = 0, self._target(stage)
                         while done < len(view):
@@ -275,15 +285,6 @@ class SafetensorsStream:
                 self._free, self._targets, self._stages = queue.SimpleQueue(), {}, []
             for ptr in (self._pinned or {}).values():  # nothing more is copied into them
                 _cuda_unregister(ptr)
-
-    def _pin_stages(self) -> None:
-        """Page-lock the staging buffers (at the first block on a CUDA device; the copier is the only thread that
-        copies into them, the disk and the hasher only read them)."""
-        self._pinned = {}
-        for stage in self._stages:
-            target = self._target(stage)
-            if _cuda_register(target):
-                self._pinned[id(stage)] = target.data_ptr()
 
     def _hand_on(self, stage: mmap.mmap, filled: int) -> None:
         """The staging buffer's ``filled`` bytes to the disk thread and to the hasher at once; the buffer is free
