@@ -199,3 +199,63 @@ def test_a_large_read_on_several_threads_checks_its_crc32_piece_by_piece(tmp_pat
     path.write_bytes(bytes(data))
     with pread.SpanReader() as reader, pytest.raises(ConvertError, match="archive/data/0 fails its CRC-32 check"):
         reader.read(span, check_now=True)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["dropped", "renamed", "reshaped"],
+)
+def test_the_reload_on_the_meta_device_reads_no_data_and_says_what_the_full_reload_says(pano_run, tmp_path, damage):
+    """Streaming verification reloads each folder on the meta device from its files' headers (no tensor data read):
+    a clean export loads, and a missing, unexpected or mis-shaped tensor is refused with the same keys as the
+    reload that reads the data."""
+    import re
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from converter import verification
+
+    run_convert(pano_run, tmp_path / "out", engine="streaming")
+    folder = tmp_path / "out" / "language_model"
+    model = verification.load_clean(folder, "AutoModelForCausalLM", torch.device("cpu"), "meta")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    broken = tmp_path / damage
+    shutil.copytree(folder, broken)
+    tensors = load_file(folder / "model.safetensors")
+    key = "model.layers.0.mlp.up_proj.weight"
+    if damage == "dropped":
+        tensors.pop(key)
+    elif damage == "renamed":
+        tensors["model.layers.0.mlp.up_proj.weights"] = tensors.pop(key)
+    else:
+        tensors[key] = tensors[key][:-1].clone()
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    said = []
+    for device_map in ("meta", None):
+        with pytest.raises(ConvertError) as refused:
+            verification.load_clean(broken, "AutoModelForCausalLM", torch.device("cpu"), device_map)
+        said.append(str(refused.value))
+    assert said[0] == said[1]
+    assert re.match(
+        rf"^{re.escape(str(broken))}: AutoModelForCausalLM.from_pretrained does not load the export cleanly", said[0]
+    )
+    assert "up_proj" in said[0]
+
+
+def test_the_reload_on_the_meta_device_refuses_an_index_that_names_the_wrong_file(pano_run, tmp_path):
+    import json
+
+    from converter import verification
+
+    run_convert(pano_run, tmp_path / "out", engine="streaming", max_shard_size="40KB")
+    folder = tmp_path / "out" / "language_model"
+    verification.load_clean(folder, "AutoModelForCausalLM", torch.device("cpu"), "meta")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    key = next(k for k, f in index["weight_map"].items() if f == files[0])
+    index["weight_map"][key] = files[1]
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    said = f"^{folder / 'model.safetensors.index.json'}: its weight_map does not say which file holds each tensor"
+    with pytest.raises(ConvertError, match=said):
+        verification.load_clean(folder, "AutoModelForCausalLM", torch.device("cpu"), "meta")
