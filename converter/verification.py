@@ -60,6 +60,8 @@ def load_clean(folder: Path, auto_class: str, device: torch.device, device_map: 
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
         source = {"pretrained_model_name_or_path": None, "config": config, "state_dict": headers_on_meta(folder)}
         if hasattr(cls, "_model_mapping"):  # an auto class: from a state dict, only the class it maps to loads
+            if type(config) not in cls._model_mapping:
+                raise ConvertError(f"{folder}: {auto_class} has no model for a {config.model_type} config")
             cls = cls._model_mapping[type(config)]
     with _capture_transformers_warnings() as warned:
         # ignore_mismatched_sizes: a mis-shaped tensor is listed in mismatched_keys (and refused below), not raised

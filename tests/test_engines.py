@@ -259,3 +259,12 @@ def test_the_reload_on_the_meta_device_refuses_an_index_that_names_the_wrong_fil
     said = f"^{folder / 'model.safetensors.index.json'}: its weight_map does not say which file holds each tensor"
     with pytest.raises(ConvertError, match=said):
         verification.load_clean(folder, "AutoModelForCausalLM", torch.device("cpu"), "meta")
+
+
+def test_the_reload_on_the_meta_device_names_an_auto_class_without_a_model_for_the_config(pano_export):
+    from converter import verification
+
+    folder = pano_export[0] / "vision_encoder"
+    said = f"^{folder}: AutoModelForCausalLM has no model for a siglip_vision_model config$"
+    with pytest.raises(ConvertError, match=said):
+        verification.load_clean(folder, "AutoModelForCausalLM", torch.device("cpu"), "meta")
