@@ -142,16 +142,13 @@ def written_files(folder: Path) -> list[str]:
 def headers_on_meta(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of an export folder as an empty tensor on the meta device, of the dtype and shape its file's
     header gives (and the index, if any, naming each tensor's file); no tensor data is read."""
-    from .sources.safetensors import DTYPE_NAMES
+    from .sources.safetensors import safetensors_spans
 
-    dtypes = {name: dtype for dtype, name in DTYPE_NAMES.items()}
     found, where = {}, {}
     for name in written_files(folder):
-        with safe_open(folder / name, framework="pt") as fh:
-            for key in fh.keys():
-                piece = fh.get_slice(key)
-                found[key] = torch.empty(piece.get_shape(), dtype=dtypes[piece.get_dtype()], device="meta")
-                where[key] = name
+        for key, span in safetensors_spans(folder / name).items():
+            found[key] = torch.empty(span.shape, dtype=span.dtype, device="meta")
+            where[key] = name
     index = folder / WEIGHTS_INDEX
     if index.exists() and json.loads(index.read_text())["weight_map"] != where:
         raise ConvertError(f"{index}: its weight_map does not say which file holds each tensor; the export is broken")

@@ -351,35 +351,28 @@ def test_a_failing_stage_of_the_stream_stops_the_conversion(stage, run_copy, tmp
     assert _pipeline_threads() <= before
 
 
-def test_a_corrupt_tensor_checked_while_it_is_written_is_reported_as_corrupt(run_copy, tmp_path, capsys):
-    """A copied tensor's CRC-32 is checked on another thread while its pieces go on to be cast and written. Four
-    bytes changed into a NaN stop the cast before the check has its verdict; the line still names the corrupt
-    record, not the NaN it caused."""
+NORM = "model.language_model.base_model.model.model.norm.weight"
+
+
+@pytest.mark.parametrize(
+    ("key", "dtype"),
+    [(NORM, torch.float32), (MERGED_BASE, torch.bfloat16)],
+    ids=["copied-while-written", "merged-from-a-copy"],
+)
+def test_a_corrupt_tensor_checked_while_it_is_used_is_reported_as_corrupt(run_copy, tmp_path, capsys, key, dtype):
+    """A tensor's CRC-32 is checked on another thread while it is used: a copied tensor's pieces go on to be cast
+    and written, and a merged weight stored in bfloat16 is merged from a float32 copy. Bytes changed into a NaN stop
+    the cast or break the merge before the check has its verdict; the line still names the corrupt record, not the
+    NaN it caused."""
     from converter.sources import SpanReader, open_checkpoint
 
-    key = "model.language_model.base_model.model.model.norm.weight"
+    if dtype != torch.float32:
+        _edit_checkpoint(run_copy, lambda c: c["state_dict"].update({key: c["state_dict"][key].to(dtype)}))
     with SpanReader() as reader:
         span = open_checkpoint(_ckpt(run_copy), reader).source.spans[key]
-    assert span.dtype == torch.float32
+    assert span.dtype == dtype
     data = bytearray(_ckpt(run_copy).read_bytes())
-    data[span.offset : span.offset + 4] = b"\xff\xff\xff\xff"  # the first element: a NaN
-    _ckpt(run_copy).write_bytes(bytes(data))
-    line = refused(capsys, run_copy, tmp_path, "--engine", "streaming", "--lora-from", "checkpoint")
-    assert "fails its CRC-32 check (stored " in line and line.endswith("the file is corrupt; re-copy it")
-
-
-def test_a_corrupt_weight_checked_while_it_merges_is_reported_as_corrupt(run_copy, tmp_path, capsys):
-    """A merged weight stored in bfloat16 is merged from a float32 copy, so its CRC-32 is checked on another thread
-    while the merge runs. Two bytes changed into a NaN break the merge before the check has its verdict; the line
-    still names the corrupt record, not the NaN it caused."""
-    from converter.sources import SpanReader, open_checkpoint
-
-    _edit_checkpoint(run_copy, lambda c: c["state_dict"].update({MERGED_BASE: c["state_dict"][MERGED_BASE].bfloat16()}))
-    with SpanReader() as reader:
-        span = open_checkpoint(_ckpt(run_copy), reader).source.spans[MERGED_BASE]
-    assert span.dtype == torch.bfloat16
-    data = bytearray(_ckpt(run_copy).read_bytes())
-    data[span.offset : span.offset + 2] = b"\xff\xff"  # the first element: a NaN
+    data[span.offset : span.offset + dtype.itemsize] = b"\xff" * dtype.itemsize  # the first element: a NaN
     _ckpt(run_copy).write_bytes(bytes(data))
     line = refused(capsys, run_copy, tmp_path, "--engine", "streaming", "--lora-from", "checkpoint")
     assert "fails its CRC-32 check (stored " in line and line.endswith("the file is corrupt; re-copy it")

@@ -256,7 +256,7 @@ class SafetensorsStream:
             while (block := self._queue.get()) is not None:
                 if self._error is None:
                     try:
-                        if self._pinned is None and _on_device(block) and block.device.type == "cuda":
+                        if self._pinned is None and isinstance(block, torch.Tensor) and block.is_cuda:
                             self._pinned = _page_lock(self._stages, self._target)  # the copier alone writes them
                         view = self._bytes(block)
                         done, target = 0, self._target(stage)

@@ -95,22 +95,13 @@ def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
     """The CRC-32 of two byte strings one after the other, from their CRC-32s and the second one's length (zlib's
     ``crc32_combine``, which Python's zlib does not offer): a tensor's checksum from pieces checked on several
     threads."""
-    if len2 <= 0:
-        return crc1
-    odd = [0xEDB88320] + [1 << n for n in range(31)]  # the operator that appends one zero bit
-    even = _gf2_square(odd)  # two zero bits
-    odd = _gf2_square(even)  # four
-    while True:  # append len2 zero bytes to crc1, squaring the operator for each bit of len2
-        even = _gf2_square(odd)
+    operator = [0xEDB88320] + [1 << n for n in range(31)]  # appends one zero bit to a CRC-32
+    for _ in range(3):
+        operator = _gf2_square(operator)  # one zero byte
+    while len2 > 0:  # append len2 zero bytes to crc1: the operator for 2**k bytes at each set bit k of len2
         if len2 & 1:
-            crc1 = _gf2_times(even, crc1)
+            crc1 = _gf2_times(operator, crc1)
         len2 >>= 1
-        if not len2:
-            break
-        odd = _gf2_square(even)
-        if len2 & 1:
-            crc1 = _gf2_times(odd, crc1)
-        len2 >>= 1
-        if not len2:
-            break
+        if len2:
+            operator = _gf2_square(operator)
     return crc1 ^ crc2
